@@ -1,0 +1,29 @@
+"""peft-inflora: InfLoRA (Interference-Free Low-Rank Adaptation for Continual Learning, CVPR 2024) for PEFT.
+
+Importing the package registers the ``"inflora"`` method with PEFT, so ``get_peft_model``,
+``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes know it.
+"""
+
+from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from .layer import InfLoRALayer, Linear, NoTaskInProgressError
+from .model import InfLoRAModel, LayerCapacity, SubspaceExhaustedError, SubspaceWarning, TaskLifecycleError
+from .registry import register as _register
+from .statistics import StatisticsError
+
+_register(InfLoRAConfig, InfLoRAModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INFLORA_TARGET_MODULES_MAPPING",
+    "InfLoRAConfig",
+    "InfLoRALayer",
+    "InfLoRAModel",
+    "LayerCapacity",
+    "Linear",
+    "NoTaskInProgressError",
+    "StatisticsError",
+    "SubspaceExhaustedError",
+    "SubspaceWarning",
+    "TaskLifecycleError",
+]

@@ -1,0 +1,352 @@
+"""InfLoRAModel: wraps the target layers and runs the continual lifecycle of each adapter.
+
+    begin_task(batches)  statistics pass -> C_t per input group -> design B_t (rows in the complement of the memory),
+                         fresh A_t = 0: only A_t (and modules_to_save) train
+    end_task(batches)    statistics pass with the trained branch -> GPM / DualGPM memory update -> fold A_t B_t into
+                         the past (adapter factors or base weight)
+    abort_task()         discard the current branch
+
+Every check runs and every new tensor is computed before the first piece of state is replaced, so a failing call
+leaves the adapter as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import get_pattern_key
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from .layer import InfLoRALayer, Linear
+from .statistics import InputGroup, collect_statistics
+from .subspace import Memory, design_eigen, design_random, energy_threshold, update_memory
+
+
+class SubspaceExhaustedError(ValueError):
+    """The memory of some layer spans its whole input space: a new task has no free direction to learn in."""
+
+
+class TaskLifecycleError(RuntimeError):
+    """begin_task / end_task / abort_task called out of order."""
+
+
+class SubspaceWarning(UserWarning):
+    """Fewer free directions than the configured rank remain in some layer."""
+
+
+@dataclass
+class LayerCapacity:
+    """One input group's memory after the tasks done so far."""
+
+    layers: list[str]
+    d_in: int
+    memory_dimension: int
+    free_dimension: int
+    memory_form: str
+
+
+def _layer_class_for(target: nn.Module) -> Optional[type]:
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, (nn.Linear, Conv1D)):
+        return Linear
+    return None
+
+
+class InfLoRAModel(BaseTuner):
+    """Creates an InfLoRA model (Liang & Li, CVPR 2024) from a pretrained transformers model.
+
+    Example:
+
+        ```py
+        >>> import peft_inflora
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_inflora.InfLoRAConfig(r=8, target_modules=["query", "value"]))
+        >>> model.begin_task(train_batches)
+        >>> ...  # train
+        >>> model.end_task(train_batches)
+        ```
+    """
+
+    prefix: str = "inflora_"
+    tuner_layer_cls = InfLoRALayer
+    target_module_mapping = INFLORA_TARGET_MODULES_MAPPING
+
+    # ------------------------------------------------------------------ injection
+    def _create_and_replace(self, inflora_config: InfLoRAConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **optional_kwargs: Any) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        r_key = get_pattern_key((inflora_config.rank_pattern or {}).keys(), current_key)
+        r = (inflora_config.rank_pattern or {}).get(r_key, inflora_config.r)
+        if isinstance(target, InfLoRALayer):
+            target.update_layer(adapter_name, r, inflora_config.fold, inference_mode=inflora_config.inference_mode)
+            return
+        new_module = self._create_new_module(inflora_config, adapter_name, target, r, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(inflora_config: InfLoRAConfig, adapter_name: str, target: nn.Module, r: int,
+                           current_key: str) -> nn.Module:
+        layer_cls = _layer_class_for(target)
+        if layer_cls is None:
+            raise TypeError(
+                f"InfLoRA cannot adapt module '{current_key}' of type {type(target).__name__}: only torch.nn.Linear "
+                "and transformers' Conv1D are supported. Remove it from `target_modules` (or narrow the pattern)."
+            )
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        fan_in_fan_out = inflora_config.fan_in_fan_out
+        if isinstance(base, Conv1D):
+            if not fan_in_fan_out:
+                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting "
+                              "fan_in_fan_out to True.")
+            fan_in_fan_out = inflora_config.fan_in_fan_out = True
+        elif fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
+                          "fan_in_fan_out to False.")
+            fan_in_fan_out = inflora_config.fan_in_fan_out = False
+        return layer_cls(target, adapter_name, r=r, fold=inflora_config.fold, fan_in_fan_out=fan_in_fan_out,
+                         is_target_conv_1d_layer=isinstance(base, Conv1D),
+                         inference_mode=inflora_config.inference_mode)
+
+    # ------------------------------------------------------------------ state access
+    def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
+        if adapter_name is None:
+            if len(self.active_adapters) != 1:
+                raise ValueError(f"{len(self.active_adapters)} adapters are active ({self.active_adapters}): pass "
+                                 "`adapter_name=` to say which one.")
+            adapter_name = self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Unknown adapter '{adapter_name}': known adapters are {sorted(self.peft_config)}.")
+        return adapter_name
+
+    def inflora_layers(self, adapter_name: Optional[str] = None) -> dict[str, InfLoRALayer]:
+        """The adapted layers of an adapter, by module name (relative to the wrapped model)."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        return {n: m for n, m in self.model.named_modules()
+                if isinstance(m, InfLoRALayer) and adapter_name in m.inflora_A}
+
+    def tasks_done(self, adapter_name: Optional[str] = None) -> int:
+        """Number of tasks finished (``end_task`` called) by the adapter."""
+        layers = self.inflora_layers(adapter_name)
+        return next(iter(layers.values())).tasks_done(self._resolve_adapter(adapter_name)) if layers else 0
+
+    def task_in_progress(self, adapter_name: Optional[str] = None) -> bool:
+        """True between ``begin_task`` and ``end_task`` / ``abort_task``."""
+        name = self._resolve_adapter(adapter_name)
+        return any(layer.task_in_progress(name) for layer in self.inflora_layers(name).values())
+
+    def _checked_layers(self, adapter_name: str) -> dict[str, InfLoRALayer]:
+        layers = self.inflora_layers(adapter_name)
+        if not layers:
+            raise ValueError(f"Adapter '{adapter_name}' adapts no layer.")
+        merged = [n for n, m in layers.items() if m.merged]
+        if merged:
+            raise TaskLifecycleError(
+                f"The adapter is merged into the base weights (e.g. '{merged[0]}'): call `unmerge_adapter()` before "
+                "begin_task / end_task."
+            )
+        return layers
+
+    def _statistics(self, adapter_name: str, layers: Mapping[str, InfLoRALayer], batches: Iterable,
+                    desc: str, progress: bool) -> list[InputGroup]:
+        config = self.peft_config[adapter_name]
+        dtype = torch.float64 if config.statistics_dtype == "float64" else torch.float32
+        return collect_statistics(self.model, layers, batches, dtype=dtype,
+                                  share_inputs=config.share_input_statistics,
+                                  max_batches=config.statistics_max_batches, desc=desc, progress=progress)
+
+    # ------------------------------------------------------------------ lifecycle
+    def begin_task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
+                   progress: bool = True) -> dict[str, int]:
+        """Start a new task: collect ``C_t`` over ``batches`` (current model, all past branches active), design
+        ``B_t`` in every input group and create ``A_t`` (zeros, trainable).
+
+        Args:
+            batches: iterable of model-input dicts (e.g. a DataLoader over the task's training data).
+            adapter_name: the adapter (defaults to the active one).
+            progress: show a tqdm progress bar.
+
+        Returns:
+            The rank ``r_t`` given to each adapted layer (``r``, or fewer when the free subspace is smaller).
+        """
+        name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[name]
+        layers = self._checked_layers(name)
+        if self.task_in_progress(name):
+            raise TaskLifecycleError(
+                f"Task {self.tasks_done(name) + 1} of adapter '{name}' is already in progress: call "
+                "`end_task(batches)` to keep it or `abort_task()` to discard it before beginning another."
+            )
+        done = self.tasks_done(name)
+        if config.total_tasks is not None and done >= config.total_tasks:
+            raise TaskLifecycleError(
+                f"Adapter '{name}' has finished all total_tasks={config.total_tasks} tasks: raise `total_tasks` in "
+                "the config (it sets the energy-threshold schedule) to learn more."
+            )
+        groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: statistics", progress)
+
+        designs: dict[str, torch.Tensor] = {}
+        exhausted, short = [], []
+        for index, group in enumerate(groups):
+            leader = layers[group.leader]
+            r_max = max(layers[n].r[name] for n in group.names)
+            memory = leader.get_memory(name)
+            if config.design == "eigen":
+                design = design_eigen(group.accumulator.covariance(), memory, r_max, scale=config.design_scale)
+            else:
+                generator = torch.Generator().manual_seed(config.random_seed + 1_000_003 * done + index)
+                design = design_random(memory, r_max, scale=config.design_scale, generator=generator)
+            if design.shape[0] == 0:
+                exhausted.append((group.leader, memory))
+            elif design.shape[0] < r_max:
+                short.append((group.leader, design.shape[0], r_max, memory))
+            for n in group.names:
+                designs[n] = design[: layers[n].r[name]]
+        if exhausted:
+            lead, memory = exhausted[0]
+            raise SubspaceExhaustedError(
+                f"No free direction is left for task {done + 1} in {len(exhausted)} layer group(s), e.g. '{lead}': "
+                f"the memory spans {memory.dimension} of its {memory.d_in} input dimensions. Lower "
+                f"`energy_threshold` (now {config.energy_threshold}) so the memory keeps fewer directions, or "
+                "continue with a new adapter. Nothing was changed."
+            )
+        if short:
+            lead, got, want, memory = short[0]
+            warnings.warn(
+                f"Only {got} of r={want} directions are free for task {done + 1} in {len(short)} layer group(s), "
+                f"e.g. '{lead}' (memory {memory.dimension} of {memory.d_in} dims): the task's branch gets rank {got} "
+                "there. Lower `energy_threshold` to leave more room for later tasks.",
+                SubspaceWarning,
+                stacklevel=2,
+            )
+        if config.inference_mode:
+            # loaded without is_trainable=True: learning a new task makes the adapter trainable again
+            config.inference_mode = False
+            self.set_requires_grad(name, True)
+        generator = torch.Generator().manual_seed(config.random_seed + done)
+        for n, layer in layers.items():
+            layer.set_design(name, designs[n], init_weights=config.init_weights, generator=generator,
+                             requires_grad=name in self.active_adapters)
+        return {n: int(d.shape[0]) for n, d in designs.items()}
+
+    def end_task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
+                 progress: bool = True) -> dict[str, int]:
+        """Finish the task in progress: collect ``C_t`` with the trained branch active, update each input group's
+        memory (GPM / DualGPM at the energy threshold ``eps_t``) and fold ``A_t B_t`` into the past.
+
+        Returns:
+            The memory dimension of each adapted layer after the update.
+        """
+        name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[name]
+        layers = self._checked_layers(name)
+        if not self.task_in_progress(name):
+            raise TaskLifecycleError(
+                f"No task of adapter '{name}' is in progress: call `begin_task(batches)` before training and "
+                "`end_task(batches)` after it."
+            )
+        done = self.tasks_done(name)
+        threshold = energy_threshold(config.energy_threshold, done, config.total_tasks)
+        groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: memory", progress)
+        memories: dict[str, Memory] = {}
+        for group in groups:
+            memory = layers[group.leader].get_memory(name)
+            new_memory = update_memory(memory, group.accumulator.covariance(), threshold, kind=config.memory,
+                                       energy=config.energy)
+            for n in group.names:
+                memories[n] = new_memory
+        for n, layer in layers.items():
+            layer.set_memory(name, memories[n])
+            layer.fold_task(name)
+        return {n: m.dimension for n, m in memories.items()}
+
+    def abort_task(self, adapter_name: Optional[str] = None) -> None:
+        """Discard the branch of the task in progress; memory and finished tasks are untouched."""
+        name = self._resolve_adapter(adapter_name)
+        layers = self._checked_layers(name)
+        if not self.task_in_progress(name):
+            raise TaskLifecycleError(f"No task of adapter '{name}' is in progress: nothing to abort.")
+        for layer in layers.values():
+            layer.clear_branch(name)
+
+    def capacity_report(self, adapter_name: Optional[str] = None) -> list[LayerCapacity]:
+        """Per adapted layer: the memory's dimension and the free dimension left for new tasks."""
+        name = self._resolve_adapter(adapter_name)
+        report = []
+        for n, layer in self.inflora_layers(name).items():
+            memory = layer.get_memory(name)
+            report.append(LayerCapacity([n], memory.d_in, memory.dimension, memory.free_dimension, memory.form))
+        return report
+
+    # ------------------------------------------------------------------ unloading
+    def unload(self) -> nn.Module:
+        """The base model without InfLoRA layers and without any task's update (``fold="base"`` tasks are taken
+        out of the weights again). Use ``merge_and_unload()`` to keep what was learned."""
+        for module in self.model.modules():
+            if isinstance(module, InfLoRALayer):
+                for adapter in list(module.fold):
+                    module.remove_folded_past(adapter)
+        return self._unload_and_optionally_merge(merge=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before loading: check every layer's saved state is present and fits the base model, then resize the
+        continual-state tensors (their shapes grow with the tasks learned) so the checkpoint loads into them. With
+        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before)."""
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        prefix = "base_model.model."
+        uses_prefix = any(k.startswith(prefix) for k in state_dict)
+        plan = []
+        for module_name, module in model.named_modules():
+            if not isinstance(module, InfLoRALayer) or adapter_name not in module.inflora_A:
+                continue
+            for attr in InfLoRALayer.resizable_state_names + ("inflora_memory_form",):
+                key = f"{module_name}.{attr}.{adapter_name}"
+                if uses_prefix and not key.startswith(prefix):
+                    key = prefix + key
+                if key not in state_dict:
+                    raise ValueError(
+                        f"The adapter checkpoint has no '{key}': it is truncated, or was saved from a model with "
+                        "other adapted layers. Load it onto the base model and target_modules it was trained with."
+                    )
+                plan.append((module, attr, state_dict[key], key))
+        for module, attr, tensor, key in plan:
+            fixed = {"inflora_A": (0, module.out_features), "inflora_B": (1, module.in_features),
+                     "inflora_past_A": (0, module.out_features), "inflora_past_B": (1, module.in_features),
+                     "inflora_memory": (0, module.in_features)}.get(attr)
+            ndim = 0 if attr == "inflora_memory_form" else 1 if attr == "inflora_task_ranks" else 2
+            if tensor.dim() != ndim or (fixed is not None and tensor.shape[fixed[0]] != fixed[1]):
+                raise ValueError(
+                    f"'{key}' has shape {tuple(tensor.shape)} but the base model's layer is {module.out_features} x "
+                    f"{module.in_features}: this adapter was saved for a base model with other shapes. Load it onto "
+                    "the model it was trained on."
+                )
+            if attr in ("inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory") and (
+                    not torch.isfinite(tensor).all()):
+                raise ValueError(f"'{key}' holds NaN or inf values: the adapter file is corrupted.")
+        for module, attr, tensor, _ in plan:
+            container = getattr(module, attr)
+            current = container[adapter_name]
+            if attr == "inflora_past_A" and module.fold[adapter_name] == "base":
+                module.remove_folded_past(adapter_name)
+            if current.shape != tensor.shape:
+                new = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
+                container[adapter_name] = (nn.Parameter(new, requires_grad=current.requires_grad)
+                                           if isinstance(current, nn.Parameter) else new)
+        for module, attr, tensor, _ in plan:
+            if attr == "inflora_past_B" and module.fold[adapter_name] == "base":
+                past_A = next(t for m, a, t, _ in plan if m is module and a == "inflora_past_A")
+                module._add_to_base_weight(past_A.to(module.inflora_past_A[adapter_name].device), tensor.to(
+                    module.inflora_past_A[adapter_name].device), sign=1.0)
+        return state_dict

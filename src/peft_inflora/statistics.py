@@ -1,0 +1,248 @@
+"""Input statistics of a task: forward hooks that accumulate each adapted layer's input covariance.
+
+For an adapted layer with input tokens ``x_n`` (``d_in``), over the ``N`` non-padding tokens of a task:
+
+    C = (1/N) sum_n x_n x_n^T          (d_in x d_in), accumulated in float32 or float64, one GEMM per batch
+
+Layers that read the same input tensor (query/key/value of one block) form one *input group*: their covariance is
+computed once and they share one design and one memory. Padding tokens are left out with the batch's attention mask
+(the decoder mask for decoder inputs of encoder-decoder models); inputs with no matching mask (e.g. ViT patches) use
+every token. Under ``torch.distributed`` the sums and counts are all-reduced so every process sees the same ``C``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+KEY_VALUE_NAMES = ("k", "v", "key", "value", "k_proj", "v_proj", "to_k", "to_v")
+
+
+class StatisticsError(ValueError):
+    """The statistics pass could not produce a covariance (no batches, no tokens, bad batches, non-finite values)."""
+
+
+@dataclass
+class CovarianceAccumulator:
+    """Running ``S = sum_n x_n x_n^T`` (``d x d``) and token count ``N``; ``covariance() = S / N``."""
+
+    dim: int
+    dtype: torch.dtype = torch.float64
+    device: Optional[torch.device] = None
+    sum: torch.Tensor = field(init=False)
+    count: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sum = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
+        self.count = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Add the rows of ``tokens`` (``n x d``): one GEMM ``S += X^T X``."""
+        if tokens.shape[0] == 0:
+            return
+        x = tokens.detach().to(device=self.sum.device, dtype=self.dtype)
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum ``S`` and ``N`` over all processes of the default group (no-op without torch.distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(self.sum)
+                torch.distributed.all_reduce(self.count)
+
+    def covariance(self) -> torch.Tensor:
+        return self.sum / self.count.clamp_min(1)
+
+
+@dataclass
+class InputGroup:
+    """Adapted layers that read one input tensor, and their shared accumulator."""
+
+    names: list[str]
+    accumulator: CovarianceAccumulator
+
+    @property
+    def leader(self) -> str:
+        return self.names[0]
+
+
+def reads_decoder_states(layer_name: str) -> bool:
+    """Whether a layer's input is the decoder's hidden states: inside a decoder, except the key/value of
+    cross-attention, which read the encoder's outputs."""
+    parts = layer_name.split(".")
+    if "decoder" not in parts:
+        return False
+    is_cross = any(marker in layer_name for marker in CROSS_ATTENTION_MARKERS)
+    return not (is_cross and parts[-1] in KEY_VALUE_NAMES)
+
+
+def batch_token_masks(batch: Mapping, is_encoder_decoder: bool) -> dict[str, torch.Tensor]:
+    """Boolean masks of real (non-padding) tokens: ``{"input": ..., "decoder": ...}`` where available."""
+    masks: dict[str, torch.Tensor] = {}
+    if batch.get("attention_mask") is not None:
+        masks["input"] = batch["attention_mask"].bool()
+    if is_encoder_decoder:
+        if batch.get("decoder_attention_mask") is not None:
+            masks["decoder"] = batch["decoder_attention_mask"].bool()
+        elif batch.get("labels") is not None and batch.get("decoder_input_ids") is None:
+            masks["decoder"] = batch["labels"] != -100  # decoder inputs are the labels shifted right
+    return masks
+
+
+def select_token_mask(layer_name: str, leading_shape: tuple, masks: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+    """The mask whose shape matches the layer input's leading dims; ties (equal encoder and decoder lengths) are
+    broken by the layer's position. ``None``: no mask applies, every token counts."""
+    matches = {k: m for k, m in masks.items() if tuple(m.shape) == tuple(leading_shape)}
+    if not matches:
+        return None
+    if len(matches) == 1:
+        return next(iter(matches.values()))
+    return matches["decoder" if reads_decoder_states(layer_name) else "input"]
+
+
+class InputStatisticsCollector:
+    """Forward pre-hooks on the adapted layers that feed one accumulator per input group.
+
+    Groups are found on the fly: a layer whose input is the very tensor object another layer already read in the same
+    forward pass joins that layer's group (a weak reference guards against a freed tensor's id being reused).
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], dtype: torch.dtype = torch.float64,
+                 share_inputs: bool = True) -> None:
+        self.layers = dict(layers)
+        self.dtype = dtype
+        self.share_inputs = share_inputs
+        self.groups: dict[str, InputGroup] = {}
+        self.leader_of: dict[str, str] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+        self._seen: dict[int, tuple[weakref.ref, str]] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "InputStatisticsCollector":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+    def start_batch(self, masks: dict[str, torch.Tensor]) -> None:
+        self._masks = masks
+        self._seen = {}
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            leader = name
+            if self.share_inputs:
+                entry = self._seen.get(id(x))
+                if entry is not None and entry[0]() is x:
+                    leader = entry[1]
+                else:
+                    self._seen[id(x)] = (weakref.ref(x), name)
+            known = self.leader_of.setdefault(name, leader)
+            if known != leader:
+                raise StatisticsError(
+                    f"Layer '{name}' read the input of '{leader}' in one batch and of '{known}' in another: the model's "
+                    "input sharing changes between batches. Set `share_input_statistics=False` in the InfLoRAConfig."
+                )
+            if leader != name:
+                if name not in self.groups[leader].names:
+                    self.groups[leader].names.append(name)
+                return
+            group = self.groups.get(name)
+            if group is None:
+                group = InputGroup([name], CovarianceAccumulator(x.shape[-1], self.dtype, x.device))
+                self.groups[name] = group
+            tokens = x.reshape(-1, x.shape[-1])
+            mask = select_token_mask(name, tuple(x.shape[:-1]), self._masks)
+            if mask is not None:
+                tokens = tokens[mask.reshape(-1).to(tokens.device)]
+            group.accumulator.update(tokens)
+
+        return hook
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Mapping], *,
+                       dtype: torch.dtype = torch.float64, share_inputs: bool = True,
+                       max_batches: Optional[int] = None, desc: str = "InfLoRA statistics",
+                       progress: bool = True) -> list[InputGroup]:
+    """Run ``model`` in eval mode under no_grad over ``batches`` and return the input groups with their summed
+    statistics (all-reduced across processes). The model's train/eval mode is restored; nothing else changes."""
+    if isinstance(batches, Mapping):
+        raise StatisticsError("`batches` is a single batch (a dict): pass an iterable of batches, e.g. [batch] or a "
+                              "DataLoader.")
+    config = getattr(model, "config", None)
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    n_batches = 0
+    model.eval()
+    try:
+        with InputStatisticsCollector(layers, dtype=dtype, share_inputs=share_inputs) as collector:
+            total = min(len(batches), max_batches) if hasattr(batches, "__len__") and max_batches else None
+            if total is None and hasattr(batches, "__len__"):
+                total = len(batches)
+            for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+                if max_batches is not None and n_batches >= max_batches:
+                    break
+                if not isinstance(batch, Mapping):
+                    raise StatisticsError(
+                        f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
+                        f"{type(batch).__name__}."
+                    )
+                batch = _to_device(batch, device)
+                collector.start_batch(batch_token_masks(batch, is_encoder_decoder))
+                try:
+                    model(**batch)
+                except StatisticsError:
+                    raise
+                except Exception as err:  # the batch does not fit the model
+                    raise StatisticsError(
+                        f"The model could not run on a statistics batch ({type(err).__name__}: {err}). Each batch "
+                        f"must hold the inputs the model's forward needs (got keys {sorted(batch)})."
+                    ) from err
+                n_batches += 1
+    finally:
+        model.train(was_training)
+    if n_batches == 0:
+        raise StatisticsError("`batches` is empty: the statistics pass needs at least one batch of the task's data.")
+    groups = [collector.groups[k] for k in sorted(collector.groups)]
+    missing = set(layers) - set(collector.leader_of)
+    if missing:
+        raise StatisticsError(
+            f"{len(missing)} adapted layer(s) never ran during the statistics pass (e.g. {sorted(missing)[0]}): "
+            "the batches must exercise every adapted layer (for encoder-decoder models include labels or "
+            "decoder_input_ids)."
+        )
+    for group in groups:
+        group.accumulator.all_reduce()
+        if group.accumulator.count.item() == 0:
+            raise StatisticsError(
+                f"No non-padding tokens reached layer '{group.leader}': every token was masked by the attention "
+                "mask. Check the batches' attention_mask."
+            )
+        if not torch.isfinite(group.accumulator.sum).all():
+            raise StatisticsError(
+                f"The input statistics of layer '{group.leader}' contain NaN or inf: the model produced non-finite "
+                "activations on these batches (check the data, or load the model in a wider dtype)."
+            )
+    return groups
