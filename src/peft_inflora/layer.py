@@ -173,7 +173,7 @@ class InfLoRALayer(BaseTunerLayer):
         if A.shape[1] == 0:
             return
         weight = self.get_base_weight()
-        delta = transpose(A.to(torch.float32) @ B.to(torch.float32), self.fan_in_fan_out)
+        delta = transpose(A.to(torch.float32).contiguous() @ B.to(torch.float32).contiguous(), self.fan_in_fan_out)
         self.set_base_weight((weight.to(torch.float32) + sign * delta.to(weight.device)).to(weight.dtype))
 
     def past_delta_in_base(self, adapter_name: str) -> bool:
@@ -212,10 +212,20 @@ class InfLoRALayer(BaseTunerLayer):
                 weight = self.get_base_weight()
                 self.set_base_weight(weight - self.get_delta_weight(adapter).to(weight.device))
 
+    def add_past_to_base(self, past_A: torch.Tensor, past_B: torch.Tensor, ranks: torch.Tensor,
+                         sign: float = 1.0) -> None:
+        """``W <- W + sign * sum_j A_j B_j``, one task at a time in the order ``fold_task`` added them (reverse order
+        when subtracting), so a reloaded ``fold="base"`` model has bit-identical weights."""
+        bounds = [0] + torch.cumsum(ranks, 0).tolist()
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        for start, stop in spans if sign > 0 else reversed(spans):
+            self._add_to_base_weight(past_A[:, start:stop], past_B[start:stop], sign=sign)
+
     def remove_folded_past(self, adapter_name: str) -> None:
-        """With ``fold="base"``: subtract the finished tasks from ``W`` (used by unload / delete_adapter)."""
+        """With ``fold="base"``: subtract the finished tasks from ``W`` (used by unload / delete_adapter / load)."""
         if self.past_delta_in_base(adapter_name):
-            self._add_to_base_weight(self.inflora_past_A[adapter_name], self.inflora_past_B[adapter_name], sign=-1.0)
+            self.add_past_to_base(self.inflora_past_A[adapter_name], self.inflora_past_B[adapter_name],
+                                  self.inflora_task_ranks[adapter_name], sign=-1.0)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.fold:

@@ -335,18 +335,19 @@ class InfLoRAModel(BaseTuner):
             if attr in ("inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory") and (
                     not torch.isfinite(tensor).all()):
                 raise ValueError(f"'{key}' holds NaN or inf values: the adapter file is corrupted.")
+        saved = {(id(m), a): t for m, a, t, _ in plan}
+        for module, attr, tensor, _ in plan:
+            if attr == "inflora_past_A" and module.fold[adapter_name] == "base":
+                module.remove_folded_past(adapter_name)  # before its factors are replaced
         for module, attr, tensor, _ in plan:
             container = getattr(module, attr)
             current = container[adapter_name]
-            if attr == "inflora_past_A" and module.fold[adapter_name] == "base":
-                module.remove_folded_past(adapter_name)
             if current.shape != tensor.shape:
                 new = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
                 container[adapter_name] = (nn.Parameter(new, requires_grad=current.requires_grad)
                                            if isinstance(current, nn.Parameter) else new)
-        for module, attr, tensor, _ in plan:
-            if attr == "inflora_past_B" and module.fold[adapter_name] == "base":
-                past_A = next(t for m, a, t, _ in plan if m is module and a == "inflora_past_A")
-                module._add_to_base_weight(past_A.to(module.inflora_past_A[adapter_name].device), tensor.to(
-                    module.inflora_past_A[adapter_name].device), sign=1.0)
+            if attr == "inflora_past_A" and module.fold[adapter_name] == "base":
+                device = current.device
+                module.add_past_to_base(tensor.to(device), saved[(id(module), "inflora_past_B")].to(device),
+                                        saved[(id(module), "inflora_task_ranks")], sign=1.0)
         return state_dict
