@@ -1,0 +1,629 @@
+r"""Subspace math of InfLoRA (Liang & Li, CVPR 2024): design of B_t and the GPM/DualGPM memory.
+
+Pure tensor math on one adapted linear layer with ``d_in``-dimensional inputs. Everything is
+computed in float64 whatever the input dtype; results are float64.
+
+Notation (shapes in brackets)
+-----------------------------
+``C``  [d_in, d_in]  input covariance of the current task, ``C = (1/N) sum_n x_n x_n^T``.
+``M``  [d_in, k]     orthonormal basis of the *memory*: the input subspace old tasks occupy.
+``P``  [d_in, k]     orthonormal basis of the orthogonal complement of the memory (DualGPM form).
+``Q``  [d_in, d_in]  projector onto the free space, ``Q = I - M M^T = P P^T``.
+
+Design (before task t trains), rows of ``B_t`` [r, d_in]:
+
+* eigen design (the ViT paper): the top-r left singular vectors of ``Q C`` (equivalently the
+  top-r eigenvectors of ``Q C^2 Q``; note: *C squared*, not ``Q C Q``), times ``1/sqrt(3)``;
+* random design (the LM follow-up): Gaussian rows projected by ``Q``, normalised, times ``1/sqrt(3)``.
+
+Every row of ``B_t`` lies in ``span(Q)``, so ``B_t x ~ 0`` for inputs x of old tasks.
+
+Memory update (after task t trains), with energy threshold
+``eps_t = lamb + (1 - lamb) t / T`` (t 0-based):
+
+* ``S = C C^T`` ("squared" energy, the authors' convention: C plays the data matrix, energies are
+  squared singular values of C) or ``S = C`` ("linear": energies are eigenvalues of C);
+* ``total = trace(S)``; energy outside the memory ``trace(Q S Q)``; ``captured = total - trace(Q S Q)``;
+* candidate directions ``u_i`` and energies ``e_i``: eigen-decomposition of ``Q S Q``, descending;
+* first task (empty memory): keep ``k = #{i : sum_{l<=i} e_l / total < eps}``, at least 1;
+* later tasks: nothing if ``captured / total >= eps``, else the smallest ``j`` with
+  ``(captured + e_1 + ... + e_j) / total >= eps``;
+* ``eps >= 1``: keep every non-negligible direction.
+
+A direction is *non-negligible* when its singular value in the data matrix, ``sqrt(e_i)``, exceeds
+``rtol`` times the largest singular value of the data matrix, i.e. ``e_i > rtol^2 * lambda_max(S)``.
+For the squared energy this is exactly the rule of :func:`design_eigen`
+(``sigma_i(Q C) > rtol * sigma_max(C)``).
+
+GPM stores ``M``; DualGPM stores ``M`` while ``dim <= d_in / 2`` and ``P`` once ``dim > d_in / 2``.
+Both describe the same ``Q``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "MEMORY_FORMS",
+    "MEMORY_KINDS",
+    "ENERGIES",
+    "Memory",
+    "energy_threshold",
+    "design_eigen",
+    "design_random",
+    "update_memory",
+    "principal_angle_cosines",
+    "captured_energy_ratio",
+]
+
+MEMORY_FORMS = ("basis", "complement")
+MEMORY_KINDS = ("gpm", "dualgpm")
+ENERGIES = ("squared", "linear")
+
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Memory:
+    r"""Orthonormal description of the input subspace old tasks occupy in one layer (d_in-dim inputs).
+
+    ``form == "basis"``:      columns of ``basis`` [d_in, k] span the memory M;  ``Q = I - M M^T``.
+    ``form == "complement"``: columns of ``basis`` [d_in, k] span its orthogonal complement P;
+    ``Q = P P^T``.
+
+    The columns are assumed orthonormal (not checked: it would cost a d_in x k Gram matrix).
+    ``Q`` is the projector onto the *free* space, the part of R^{d_in} no old task occupies.
+    Equality is identity (``eq=False``): tensors have no single truth value.
+    """
+
+    basis: torch.Tensor
+    form: str = "basis"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.basis, torch.Tensor):
+            raise ValueError(
+                f"Memory.basis must be a torch.Tensor of shape (d_in, k), got {type(self.basis).__name__}"
+            )
+        if self.form not in MEMORY_FORMS:
+            raise ValueError(f"Memory.form must be one of {MEMORY_FORMS}, got {self.form!r}")
+        if self.basis.ndim != 2:
+            raise ValueError(
+                f"Memory.basis must be 2-D (d_in, k) with orthonormal columns, got shape {tuple(self.basis.shape)}"
+            )
+        if not self.basis.is_floating_point():
+            raise ValueError(f"Memory.basis must be a floating-point tensor, got dtype {self.basis.dtype}")
+        d_in, k = self.basis.shape
+        if d_in < 1:
+            raise ValueError(f"Memory.basis must have d_in >= 1 rows, got shape {tuple(self.basis.shape)}")
+        if k > d_in:
+            raise ValueError(
+                f"Memory.basis has {k} columns but only {d_in} rows: at most d_in orthonormal columns exist"
+            )
+
+    @classmethod
+    def empty(cls, d_in: int, dtype: torch.dtype = _F64, device: Optional[torch.device] = None) -> "Memory":
+        """Memory of a layer before the first task: ``M`` of shape (d_in, 0), ``Q = I``."""
+        d_in = _as_int(d_in, "d_in", minimum=1)
+        return cls(torch.zeros(d_in, 0, dtype=dtype, device=device), "basis")
+
+    @property
+    def d_in(self) -> int:
+        """Input dimension of the layer (rows of ``basis``)."""
+        return int(self.basis.shape[0])
+
+    @property
+    def dimension(self) -> int:
+        """``dim span(memory)``: k for form "basis", ``d_in - k`` for form "complement"."""
+        k = int(self.basis.shape[1])
+        return k if self.form == "basis" else self.d_in - k
+
+    @property
+    def free_dimension(self) -> int:
+        """``d_in - dimension = rank(Q)``: how many input directions new tasks may still use."""
+        return self.d_in - self.dimension
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        r"""``Q X`` for X of shape (d_in, n) or (d_in,), in float64, same shape as X.
+
+        basis form: ``Q X = X - M (M^T X)``; complement form: ``Q X = P (P^T X)``.
+        Costs O(d_in k n); the d_in x d_in projector is never formed.
+        """
+        if not isinstance(X, torch.Tensor):
+            raise ValueError(f"project expects a torch.Tensor, got {type(X).__name__}")
+        if X.ndim not in (1, 2) or X.shape[0] != self.d_in:
+            raise ValueError(
+                f"project expects X of shape ({self.d_in},) or ({self.d_in}, n), got {tuple(X.shape)}"
+            )
+        X64 = X.to(dtype=_F64)
+        B = self.basis.to(dtype=_F64, device=X64.device)
+        if self.form == "basis":
+            return X64 - B @ (B.T @ X64)
+        return B @ (B.T @ X64)
+
+    def projector(self) -> torch.Tensor:
+        r"""The projector ``Q`` [d_in, d_in], float64: ``I - M M^T`` (basis) or ``P P^T`` (complement)."""
+        B = self.basis.to(dtype=_F64)
+        if self.form == "basis":
+            return torch.eye(self.d_in, dtype=_F64, device=B.device) - B @ B.T
+        return B @ B.T
+
+    def to(self, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None) -> "Memory":
+        """A copy with ``basis`` converted (same form)."""
+        return Memory(self.basis.to(dtype=dtype, device=device), self.form)
+
+    def __repr__(self) -> str:
+        return (
+            f"Memory(form={self.form!r}, d_in={self.d_in}, dimension={self.dimension}, "
+            f"stored_columns={int(self.basis.shape[1])}, dtype={self.basis.dtype})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+def _as_int(value, name: str, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = value.__index__()
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_r(r) -> int:
+    if isinstance(r, bool) or not hasattr(type(r), "__index__"):
+        raise ValueError(f"r (the rank of B_t) must be a positive integer, got {r!r}")
+    r = r.__index__()
+    if r <= 0:
+        raise ValueError(f"r (the rank of B_t) must be a positive integer, got {r}; use r >= 1")
+    return r
+
+
+def _check_rtol(rtol: float) -> float:
+    rtol = float(rtol)
+    if not (0.0 <= rtol < 1.0) or math.isnan(rtol):
+        raise ValueError(f"rtol must be in [0, 1), got {rtol}; the default 1e-6 is usually right")
+    return rtol
+
+
+def _check_scale(scale: float) -> float:
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"scale must be a finite positive number (the paper uses 1/sqrt(3)), got {scale}")
+    return scale
+
+
+def _check_memory(memory) -> Memory:
+    if not isinstance(memory, Memory):
+        raise ValueError(
+            f"memory must be a peft_inflora.subspace.Memory, got {type(memory).__name__}; "
+            "use Memory.empty(d_in) before the first task"
+        )
+    return memory
+
+
+def _check_covariance(covariance, memory: Memory) -> torch.Tensor:
+    """Validate and convert to float64 (on the covariance's device)."""
+    if not isinstance(covariance, torch.Tensor):
+        raise ValueError(f"covariance must be a torch.Tensor of shape (d_in, d_in), got {type(covariance).__name__}")
+    if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1]:
+        raise ValueError(
+            f"covariance must be square (d_in, d_in), got shape {tuple(covariance.shape)}; "
+            "pass C = X^T X / N of the layer's inputs X (N, d_in)"
+        )
+    if covariance.shape[0] != memory.d_in:
+        raise ValueError(
+            f"covariance is {tuple(covariance.shape)} but memory.d_in is {memory.d_in}: "
+            "pass the covariance of this layer's inputs together with this layer's memory"
+        )
+    C = covariance.detach().to(dtype=_F64)
+    finite = torch.isfinite(C)
+    if not bool(finite.all()):
+        n_bad = int((~finite).sum())
+        raise ValueError(
+            f"statistics contain NaN or inf: {n_bad} of {C.numel()} covariance entries are not finite; "
+            "recompute the statistics (accumulate in float32/float64, check the model's outputs for "
+            "overflow or NaN)"
+        )
+    return C
+
+
+def _check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if not (0.0 < threshold <= 1.0):  # also rejects NaN
+        raise ValueError(
+            f"threshold must be in (0, 1], got {threshold}; it is the fraction of the task's input "
+            "energy the memory must capture (the paper uses 0.95-0.98; see energy_threshold)"
+        )
+    return threshold
+
+
+def _check_energy(energy: str) -> str:
+    if energy not in ENERGIES:
+        raise ValueError(
+            f"unknown energy {energy!r}: use 'squared' (the authors' convention, energies are squared "
+            "singular values of C) or 'linear' (energies are eigenvalues of C)"
+        )
+    return energy
+
+
+# --------------------------------------------------------------------------------------------
+# Linear-algebra helpers (float64)
+# --------------------------------------------------------------------------------------------
+def _complement_basis(A: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis [n, n - m] of the orthogonal complement of span(A), A [n, m] orthonormal columns."""
+    n, m = A.shape
+    if m == 0:
+        return torch.eye(n, dtype=A.dtype, device=A.device)
+    if m >= n:
+        return A.new_zeros(n, 0)
+    Qf, _ = torch.linalg.qr(A, mode="complete")
+    return Qf[:, m:].contiguous()
+
+
+def _orthonormalise(A: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of span(A) for A [n, m] of full column rank (thin QR)."""
+    if A.shape[1] == 0:
+        return A
+    Qr, _ = torch.linalg.qr(A, mode="reduced")
+    return Qr
+
+
+def _reorthonormalise(A: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning span(A) that stay close to A's columns when A is nearly orthonormal.
+
+    Thin QR with the signs fixed so that diag(R) > 0: for A with orthonormal columns up to round-off
+    (e.g. a basis stored in float32) this only removes the round-off.
+    """
+    if A.shape[1] == 0:
+        return A
+    Qr, R = torch.linalg.qr(A, mode="reduced")
+    signs = torch.sign(torch.diagonal(R))
+    signs[signs == 0] = 1.0
+    return Qr * signs
+
+
+def _sigma_max(C: torch.Tensor) -> float:
+    if C.numel() == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(C, ord=2))
+
+
+def _projected_left_singular(memory: Memory, C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors U [d_in, m] and singular values s [m] (descending) of ``Q C``.
+
+    basis form: SVD of ``C - M (M^T C)``; complement form: SVD of ``P^T C`` [k, d_in] and ``U = P U_k``
+    (cheaper when k is small).
+    """
+    B = memory.basis.to(dtype=_F64, device=C.device)
+    if memory.form == "basis":
+        QC = C - B @ (B.T @ C)
+        U, s, _ = torch.linalg.svd(QC, full_matrices=False)
+        return U, s
+    if B.shape[1] == 0:
+        return B.new_zeros(memory.d_in, 0), B.new_zeros(0)
+    Uk, s, _ = torch.linalg.svd(B.T @ C, full_matrices=False)
+    return B @ Uk, s
+
+
+def _projected_eigh(memory: Memory, C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors V [d_in, m] and eigenvalues e [m] (descending, clipped at 0) of ``Q C Q`` (C symmetric)."""
+    B = memory.basis.to(dtype=_F64, device=C.device)
+    if memory.form == "basis":
+        QC = C - B @ (B.T @ C)
+        QCQ = QC - (QC @ B) @ B.T
+        QCQ = 0.5 * (QCQ + QCQ.T)
+        e, V = torch.linalg.eigh(QCQ)
+    else:
+        if B.shape[1] == 0:
+            return B.new_zeros(memory.d_in, 0), B.new_zeros(0)
+        small = B.T @ C @ B
+        small = 0.5 * (small + small.T)
+        e, Vk = torch.linalg.eigh(small)
+        V = B @ Vk
+    e = torch.flip(e, dims=(0,)).clamp_min(0.0)
+    V = torch.flip(V, dims=(1,))
+    return V, e
+
+
+def _energy_totals(memory: Memory, C: torch.Tensor, energy: str) -> Tuple[float, float]:
+    """``(total, outside) = (trace(S), trace(Q S Q))`` with S = C C^T (squared) or S = C (linear)."""
+    B = memory.basis.to(dtype=_F64, device=C.device)
+    if energy == "squared":
+        total = float((C * C).sum())
+        if memory.form == "basis":
+            QC = C - B @ (B.T @ C)
+            outside = float((QC * QC).sum())
+        else:
+            PtC = B.T @ C  # ||P P^T C||_F = ||P^T C||_F
+            outside = float((PtC * PtC).sum())
+    else:
+        total = float(torch.diagonal(C).sum())
+        if memory.form == "basis":
+            outside = total - float(torch.diagonal(B.T @ C @ B).sum())  # tr(QCQ) = tr(C) - tr(M^T C M)
+        else:
+            outside = float(torch.diagonal(B.T @ C @ B).sum())
+    return total, outside
+
+
+def _zero_energy_error(total: float) -> ValueError:
+    return ValueError(
+        f"covariance has no energy (trace of S = {total:g}): no inputs were recorded for this layer, "
+        "or the statistics are all zeros; collect the statistics over the task's data before "
+        "updating the memory"
+    )
+
+
+def _sign_fix_rows(B: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its largest-|.| entry is positive (first such entry on ties)."""
+    if B.shape[0] == 0:
+        return B
+    idx = B.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(torch.gather(B, 1, idx))
+    signs[signs == 0] = 1.0
+    return B * signs
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+def energy_threshold(lamb: float, task_index: int, total_tasks: Optional[int] = None) -> float:
+    r"""Energy threshold of task ``t`` (0-based): ``eps_t = lamb + (1 - lamb) * t / T``.
+
+    With ``total_tasks`` (T) unknown (None) returns ``lamb``. The paper uses lamb = 0.95 (CIFAR-100,
+    DomainNet) and 0.98 (ImageNet-R); eps rises linearly towards 1 over the sequence.
+
+    Raises ValueError when lamb is not in (0, 1], task_index < 0, total_tasks < 1 or
+    task_index >= total_tasks.
+    """
+    lamb = float(lamb)
+    if not (0.0 < lamb <= 1.0):
+        raise ValueError(f"lamb must be in (0, 1], got {lamb}; the paper uses 0.95 or 0.98")
+    t = _as_int(task_index, "task_index")
+    if t < 0:
+        raise ValueError(f"task_index must be >= 0 (0-based: the first task is 0), got {t}")
+    if total_tasks is None:
+        return lamb
+    T = _as_int(total_tasks, "total_tasks")
+    if T < 1:
+        raise ValueError(f"total_tasks must be >= 1, got {T}")
+    if t >= T:
+        raise ValueError(
+            f"task_index {t} >= total_tasks {T}: task indices are 0-based, so the last task is {T - 1}; "
+            "raise total_tasks or pass total_tasks=None to use eps = lamb"
+        )
+    return lamb + (1.0 - lamb) * t / T
+
+
+def design_eigen(
+    covariance: torch.Tensor,
+    memory: Memory,
+    r: int,
+    scale: float = 1.0 / math.sqrt(3.0),
+    rtol: float = 1e-6,
+) -> torch.Tensor:
+    r"""Eigen design of ``B_t`` [r_t, d_in] (float64): rows = top-r left singular vectors of ``Q C``, times scale.
+
+    ``covariance`` C [d_in, d_in]; ``Q`` [d_in, d_in] the memory's free-space projector.
+    With ``Q C = U diag(s) V^T`` (s descending), ``B_t = scale * U[:, :r_t]^T``. Equivalently the rows
+    are the top eigenvectors of ``Q C^2 Q`` (C squared: this differs from the eigenvectors of ``Q C Q``
+    whenever span(M) is not invariant under C). With an empty memory they are the top eigenvectors of C.
+
+    ``r_t = min(r, usable)`` where ``usable = #{i : s_i > rtol * sigma_max(C)}``; r_t may be 0
+    (result of shape (0, d_in)): the free space holds nothing of this task, the caller decides whether
+    to warn or raise. Each row is sign-fixed so its largest-|.| entry is positive (deterministic output).
+    Rows are orthonormal (before scaling) and orthogonal to the memory: ``B_t M = 0``.
+    """
+    memory = _check_memory(memory)
+    r = _check_r(r)
+    scale = _check_scale(scale)
+    rtol = _check_rtol(rtol)
+    C = _check_covariance(covariance, memory)
+
+    smax = _sigma_max(C)
+    U, s = _projected_left_singular(memory, C)
+    usable = int((s > rtol * smax).sum()) if smax > 0 else 0
+    r_t = min(r, usable)
+    B = U[:, :r_t].T.contiguous()
+    return _sign_fix_rows(B) * scale
+
+
+def design_random(
+    memory: Memory,
+    r: int,
+    scale: float = 1.0 / math.sqrt(3.0),
+    generator: Optional[torch.Generator] = None,
+    rtol: float = 1e-6,
+) -> torch.Tensor:
+    r"""Random design of ``B_t`` [r_t, d_in] (float64, on the memory's device).
+
+    ``G ~ N(0, 1)`` [r, d_in] drawn in float64 on CPU with ``generator`` (torch's global RNG when None);
+    rows projected onto the free space, ``g_i Q``; rows with ``||g_i Q|| < rtol * ||g_i||`` are dropped
+    (the free space is (nearly) empty); at most ``min(r, memory.free_dimension)`` rows are kept (only
+    that many can be independent), the first ones in draw order; each kept row is normalised to unit
+    norm and multiplied by ``scale``. Rows are orthogonal to the memory but not to each other.
+    """
+    memory = _check_memory(memory)
+    r = _check_r(r)
+    scale = _check_scale(scale)
+    rtol = _check_rtol(rtol)
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"design_random draws on CPU: pass a CPU torch.Generator, got one on {generator.device}")
+
+    d_in = memory.d_in
+    G = torch.randn(r, d_in, dtype=_F64, generator=generator)
+    GQ = memory.to(dtype=_F64, device=torch.device("cpu")).project(G.T).T  # Q symmetric: (Q G^T)^T = G Q
+    norms_in = torch.linalg.vector_norm(G, dim=1)
+    norms_out = torch.linalg.vector_norm(GQ, dim=1)
+    keep = norms_out >= rtol * norms_in
+    keep &= norms_out > 0
+    rows = GQ[keep][: min(r, memory.free_dimension)]
+    rows = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+    return (rows * scale).to(device=memory.basis.device)
+
+
+def update_memory(
+    memory: Memory,
+    covariance: torch.Tensor,
+    threshold: float,
+    kind: str = "dualgpm",
+    energy: str = "squared",
+    rtol: float = 1e-6,
+) -> Memory:
+    r"""GPM / DualGPM memory update after a task; returns a new float64 Memory (the input is not modified).
+
+    ``covariance`` C [d_in, d_in] of the task's inputs (recomputed with the trained branch active).
+    ``S = C C^T`` (energy "squared": energies are squared singular values of C, the authors' choice that
+    the published thresholds were tuned with) or ``S = C`` (energy "linear", classic GPM on the
+    representation). ``total = trace(S)``, ``captured = total - trace(Q S Q)``.
+    Candidate directions u_i [d_in] with energies e_i: eigen-decomposition of ``Q S Q``, descending
+    (for "squared" computed as the SVD of ``Q C``, e_i = s_i^2). Non-negligible: ``e_i > rtol^2 lambda_max(S)``
+    (for "squared" the same as ``s_i > rtol sigma_max(C)`` in :func:`design_eigen`).
+
+    * empty memory (dimension 0): add ``k = #{i : cumsum(e)_i / total < threshold}`` leading directions,
+      at least 1 (the authors' rule; it ends just below the threshold);
+    * otherwise: unchanged if ``captured / total >= threshold``, else add the smallest j leading
+      directions with ``(captured + e_1 + ... + e_j) / total >= threshold``;
+    * ``threshold == 1``: add every non-negligible direction;
+    * never more directions than are non-negligible.
+
+    Storage (``kind``): "gpm" always returns form "basis" with ``M_new = [M, U_j]``; "dualgpm" returns form
+    "basis" while the new dimension is <= d_in / 2 and form "complement" (P_new [d_in, d_in - dim]) once
+    it exceeds d_in / 2 (also when the first task already does). Shrinking P: with ``c = P^T U_j`` [k, j],
+    ``P_new = P N`` where N is an orthonormal basis of the complement of span(c) in R^k. Both kinds give
+    the same projector ``Q``. The input basis is re-orthonormalised in float64 first (thin QR, columns kept
+    close to the originals), so a memory stored in float32 does not drift over many updates.
+    The result lives on the covariance's device.
+
+    Raises ValueError for a non-square covariance or one that does not match ``memory.d_in``, NaN/inf
+    statistics, zero covariance, threshold outside (0, 1], unknown kind or energy.
+    """
+    memory = _check_memory(memory)
+    threshold = _check_threshold(threshold)
+    if kind not in MEMORY_KINDS:
+        raise ValueError(
+            f"unknown kind {kind!r}: use 'gpm' (store the memory basis M) or 'dualgpm' (store the "
+            "complement once the memory fills more than half of the input space)"
+        )
+    energy = _check_energy(energy)
+    rtol = _check_rtol(rtol)
+    C = _check_covariance(covariance, memory)
+    mem = memory.to(dtype=_F64, device=C.device)
+    # a basis stored in low precision is orthonormal only up to its round-off: clean it in float64 first
+    mem = Memory(_reorthonormalise(mem.basis), mem.form)
+
+    total, outside = _energy_totals(mem, C, energy)
+    if not total > 0.0:
+        raise _zero_energy_error(total)
+    captured = total - outside
+
+    if mem.dimension > 0 and captured / total >= threshold:
+        return _store(mem, mem.basis.new_zeros(mem.d_in, 0), kind)
+
+    if energy == "squared":
+        U, s = _projected_left_singular(mem, C)
+        e = s * s
+        data_sv = s
+        smax = _sigma_max(C)
+    else:
+        Csym = 0.5 * (C + C.T)
+        U, e = _projected_eigh(mem, Csym)
+        data_sv = torch.sqrt(e)
+        lam_max = float(torch.linalg.eigvalsh(Csym)[-1])
+        smax = math.sqrt(lam_max) if lam_max > 0 else 0.0
+    n_nonneg = int((data_sv > rtol * smax).sum()) if smax > 0 else 0
+    n_nonneg = min(n_nonneg, mem.free_dimension)
+    if n_nonneg == 0:
+        return _store(mem, mem.basis.new_zeros(mem.d_in, 0), kind)
+
+    if threshold >= 1.0:
+        j = n_nonneg
+    elif mem.dimension == 0:
+        ratios = torch.cumsum(e, dim=0) / total
+        j = max(int((ratios < threshold).sum()), 1)
+    else:
+        ratios = (captured + torch.cumsum(e, dim=0)) / total
+        reached = torch.nonzero(ratios >= threshold)
+        j = int(reached[0, 0]) + 1 if reached.numel() > 0 else n_nonneg
+    j = min(j, n_nonneg)
+    return _store(mem, U[:, :j], kind)
+
+
+def _store(mem: Memory, U: torch.Tensor, kind: str) -> Memory:
+    """Memory spanning span(mem) + span(U) (U [d_in, j] orthonormal, in the free space), stored per kind."""
+    d_in = mem.d_in
+    if U.shape[1] > 0:
+        # U lies in span(Q) up to round-off: project again and re-orthonormalise so the stored
+        # columns are orthonormal to machine precision.
+        U = _orthonormalise(mem.project(U))
+    new_dim = mem.dimension + int(U.shape[1])
+    complement = kind == "dualgpm" and 2 * new_dim > d_in
+    if not complement:
+        M_old = mem.basis if mem.form == "basis" else _complement_basis(mem.basis)
+        return Memory(torch.cat([M_old, U], dim=1).contiguous(), "basis")
+    if mem.form == "complement":
+        P = mem.basis
+        if U.shape[1] == 0:
+            return Memory(P.clone(), "complement")
+        c = P.T @ U  # [k, j], orthonormal columns: U lies in span(P)
+        N = _complement_basis(_orthonormalise(c))
+        return Memory((P @ N).contiguous(), "complement")
+    return Memory(_complement_basis(torch.cat([mem.basis, U], dim=1)), "complement")
+
+
+def principal_angle_cosines(U: torch.Tensor, V: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
+    r"""Cosines of the principal angles between the column spaces of U [d, a] and V [d, b], descending.
+
+    Each input is orthonormalised first (thin SVD; columns whose singular value is <= rtol * the
+    largest are dropped as rank deficiency), giving Q_U [d, a'] and Q_V [d, b']. The cosines are the
+    singular values of ``Q_U^T Q_V``, clipped to [0, 1]: ``min(a', b')`` values, float64.
+    1 = a shared direction, 0 = orthogonal. 1-D inputs are treated as one column.
+    """
+    def _orth(A: torch.Tensor, name: str) -> torch.Tensor:
+        if not isinstance(A, torch.Tensor) or A.ndim not in (1, 2):
+            raise ValueError(f"{name} must be a tensor of shape (d, n) or (d,), got {getattr(A, 'shape', A)!r}")
+        A = A.detach().to(dtype=_F64)
+        if A.ndim == 1:
+            A = A[:, None]
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        if A.shape[1] == 0:
+            return A
+        W, s, _ = torch.linalg.svd(A, full_matrices=False)
+        if s.numel() == 0 or float(s[0]) == 0.0:
+            return A.new_zeros(A.shape[0], 0)
+        return W[:, s > rtol * s[0]]
+
+    rtol = _check_rtol(rtol)
+    QU, QV = _orth(U, "U"), _orth(V, "V")
+    if QU.shape[0] != QV.shape[0]:
+        raise ValueError(f"U and V must have the same number of rows (d), got {QU.shape[0]} and {QV.shape[0]}")
+    if QU.shape[1] == 0 or QV.shape[1] == 0:
+        return QU.new_zeros(0)
+    cos = torch.linalg.svdvals(QU.T @ QV.to(QU.device))
+    return cos.clamp(0.0, 1.0)
+
+
+def captured_energy_ratio(memory: Memory, covariance: torch.Tensor, energy: str = "squared") -> float:
+    r"""Fraction of the task's input energy inside the memory: ``(trace(S) - trace(Q S Q)) / trace(S)``.
+
+    S = C C^T ("squared") or S = C ("linear"), C [d_in, d_in]. 0 with an empty memory, 1 when the
+    memory spans every direction the task uses. This is the quantity :func:`update_memory` compares
+    with the energy threshold. Raises ValueError for a zero covariance (no energy to measure).
+    """
+    memory = _check_memory(memory)
+    energy = _check_energy(energy)
+    C = _check_covariance(covariance, memory)
+    if energy == "linear":
+        C = 0.5 * (C + C.T)
+    total, outside = _energy_totals(memory, C, energy)
+    if not total > 0.0:
+        raise _zero_energy_error(total)
+    return (total - outside) / total
