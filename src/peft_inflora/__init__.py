@@ -9,12 +9,19 @@ from .layer import InfLoRALayer, Linear, NoTaskInProgressError
 from .model import InfLoRAModel, LayerCapacity, SubspaceExhaustedError, SubspaceWarning, TaskLifecycleError
 from .registry import register as _register
 from .statistics import StatisticsError
+from .metrics import ContinualResult
+from .trainer import ContinualCallback, ContinualTask, ContinualTrainer, tokenize_instruction_dataset
 
 _register(InfLoRAConfig, InfLoRAModel)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContinualCallback",
+    "ContinualResult",
+    "ContinualTask",
+    "ContinualTrainer",
+    "tokenize_instruction_dataset",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",
     "InfLoRALayer",

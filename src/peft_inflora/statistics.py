@@ -210,7 +210,11 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                         f"{type(batch).__name__}."
                     )
                 batch = _to_device(batch, device)
-                collector.start_batch(batch_token_masks(batch, is_encoder_decoder))
+                masks = batch_token_masks(batch, is_encoder_decoder)
+                if not is_encoder_decoder:
+                    # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
+                    batch = {k: v for k, v in batch.items() if k != "labels"}
+                collector.start_batch(masks)
                 try:
                     model(**batch)
                 except StatisticsError:

@@ -1,0 +1,500 @@
+"""ContinualTrainer: a ``transformers.Trainer`` that learns a sequence of tasks with an InfLoRA adapter.
+
+For each task ``t``: ``begin_task`` over the task's training data (through the Trainer's own, Accelerate-prepared
+dataloader, so under DDP each process sees its shard and the statistics are all-reduced), ``train()`` with a fresh
+optimizer and scheduler, ``end_task``, then evaluation on every task seen so far, giving row ``t`` of the accuracy
+matrix. The Trainer's training loop is not copied: the class only overrides ``compute_loss`` (loss over the current
+task's classes), ``create_optimizer`` (old head rows frozen bit for bit) and ``push_to_hub`` (adapter, memory and
+a model card of the sequence).
+
+Task types:
+* ``"class_incremental"`` (default): tasks bring their own labels ``0..C_t-1``; they are mapped to one global label
+  space (task t's classes follow task t-1's), the head is sized to all classes, training uses cross-entropy over
+  the current task's classes only, evaluation predicts among all classes seen so far.
+* ``"task_incremental"``: as above, but evaluation predicts among the evaluated task's own classes.
+* ``"generation"``: causal-LM or seq2seq instruction tasks; the loss is the model's (labels -100 on prompts, see
+  :func:`tokenize_instruction_dataset`); evaluation is the exact match of greedy generations with the ``answer``
+  column of the eval set (or a user ``compute_metrics(predictions, references) -> float``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import set_seed
+
+from .metrics import ContinualResult
+
+TASK_TYPES = ("class_incremental", "task_incremental", "generation")
+CONTINUAL_DIR = "continual"
+RESULT_FILE = "continual_result.json"
+
+
+@dataclass
+class ContinualTask:
+    """One task of a sequence.
+
+    Args:
+        name: a short name (used in file names, logs and the model card).
+        train_dataset: the task's training data (a ``datasets.Dataset`` or torch dataset of model inputs). For
+            classification it carries local labels ``0..C-1`` in a ``labels`` (or ``label``) column.
+        eval_dataset: the task's test data, same format (for generation: a ``prompt`` and an ``answer`` column).
+        label_names: the task's class names (classification); inferred from a ``ClassLabel`` feature or the labels
+            present when omitted.
+    """
+
+    name: str
+    train_dataset: Any
+    eval_dataset: Any = None
+    label_names: Optional[Sequence[str]] = None
+
+
+class ContinualCallback(TrainerCallback):
+    """A ``TrainerCallback`` with two more events, called by :class:`ContinualTrainer` around every task."""
+
+    def on_task_begin(self, args, state, control, task: ContinualTask, task_index: int, **kwargs):
+        """After ``begin_task`` (B_t designed), before training the task."""
+
+    def on_task_end(self, args, state, control, task: ContinualTask, task_index: int, result: ContinualResult,
+                    **kwargs):
+        """After ``end_task`` and the evaluation of every task seen so far (``result`` has the new row)."""
+
+
+def _label_column(dataset: Any) -> Optional[str]:
+    names = getattr(dataset, "column_names", None) or []
+    return "labels" if "labels" in names else "label" if "label" in names else None
+
+
+def _num_task_classes(task: ContinualTask) -> int:
+    if task.label_names is not None:
+        return len(task.label_names)
+    column = _label_column(task.train_dataset)
+    if column is None:
+        raise ValueError(f"Task '{task.name}' has no 'labels' or 'label' column: pass label_names or add labels.")
+    feature = task.train_dataset.features.get(column)
+    if getattr(feature, "names", None):
+        return len(feature.names)
+    return int(max(task.train_dataset[column])) + 1
+
+
+def _to_global_labels(dataset: Any, offset: int, num_classes: int, task_name: str) -> Any:
+    """Shift a task's local labels ``0..C-1`` to the global ids ``offset..offset+C-1`` (column ``labels``)."""
+    if dataset is None:
+        return None
+    column = _label_column(dataset)
+    if column is None:
+        raise ValueError(f"Task '{task_name}': the dataset has no 'labels' or 'label' column.")
+    labels = dataset[column]
+    if len(labels) and (min(labels) < 0 or max(labels) >= num_classes):
+        raise ValueError(f"Task '{task_name}': labels must be in 0..{num_classes - 1} (the task's own classes), "
+                         f"got {min(labels)}..{max(labels)}.")
+    if column == "label":
+        dataset = dataset.rename_column("label", "labels")
+    return dataset.map(lambda batch: {"labels": [y + offset for y in batch["labels"]]}, batched=True,
+                       desc=f"global labels for {task_name}")
+
+
+def _grow_linear(linear: nn.Linear, out_features: int) -> nn.Linear:
+    """A copy of ``linear`` with more output rows: old rows kept bit for bit, new rows initialised as transformers'
+    heads are (normal, std 0.02; zero bias)."""
+    grown = nn.Linear(linear.in_features, out_features, bias=linear.bias is not None,
+                      device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        nn.init.normal_(grown.weight, std=0.02)
+        grown.weight[: linear.out_features] = linear.weight
+        if linear.bias is not None:
+            grown.bias.zero_()
+            grown.bias[: linear.out_features] = linear.bias
+    grown.weight.requires_grad_(linear.weight.requires_grad)
+    if grown.bias is not None:
+        grown.bias.requires_grad_(linear.bias.requires_grad)
+    return grown
+
+
+def tokenize_instruction_dataset(dataset: Any, tokenizer: Any, *, prompt_column: str = "prompt",
+                                 answer_column: str = "answer", max_length: int = 256,
+                                 is_encoder_decoder: bool = False) -> Any:
+    """Tokenize prompt -> answer pairs for training with the loss on answer tokens only.
+
+    Causal LM: ``input_ids = prompt + answer + eos``, ``labels`` = -100 on the prompt. Seq2seq: ``input_ids`` =
+    prompt, ``labels`` = answer + eos. Pad with ``DataCollatorForSeq2Seq(tokenizer)``.
+    """
+    eos = tokenizer.eos_token or ""
+
+    def encode(example: dict) -> dict:
+        prompt, answer = example[prompt_column], example[answer_column]
+        if is_encoder_decoder:
+            enc = tokenizer(prompt, truncation=True, max_length=max_length)
+            enc["labels"] = tokenizer(answer + eos, truncation=True, max_length=max_length,
+                                      add_special_tokens=False)["input_ids"]
+            return enc
+        prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        answer_ids = tokenizer(answer + eos, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + answer_ids)[:max_length]
+        labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize instructions")
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+class ContinualTrainer(Trainer):
+    """Trainer that runs a continual-learning sequence with an InfLoRA adapter (see the module docstring).
+
+    Args:
+        model: a ``PeftModel`` with an InfLoRA adapter (``get_peft_model(base, InfLoRAConfig(...))``). For
+            classification the head must be in ``modules_to_save`` (e.g. ``["classifier"]``). With any other PEFT
+            method (e.g. ``LoraConfig``) the same loop runs as plain sequential fine-tuning: a baseline.
+        task_type: ``"class_incremental"``, ``"task_incremental"`` or ``"generation"``.
+        generation_max_new_tokens: generation budget of the generation evaluation.
+        answer_metric: for generation, ``f(predictions, references) -> float`` (default: normalized exact match).
+        All other arguments are ``transformers.Trainer``'s.
+    """
+
+    def __init__(self, *args: Any, task_type: str = "class_incremental", generation_max_new_tokens: int = 32,
+                 answer_metric: Optional[Callable[[list[str], list[str]], float]] = None, **kwargs: Any) -> None:
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}.")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+            raise TypeError("ContinualTrainer needs a PeftModel: wrap the model with "
+                            "`get_peft_model(model, InfLoRAConfig(...))` first.")
+        self.task_type = task_type
+        self.generation_max_new_tokens = generation_max_new_tokens
+        self.answer_metric = answer_metric
+        self.continual_result: Optional[ContinualResult] = None
+        self._task_classes: Optional[tuple[int, int]] = None  # [lo, hi) of the task being trained
+        self._class_ranges: list[tuple[int, int]] = []
+        self._frozen_head: Optional[tuple[nn.Linear, torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None
+        if task_type != "generation":
+            self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def peft_model(self) -> PeftModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def _show_progress(self) -> bool:
+        return self.is_world_process_zero() and not self.args.disable_tqdm
+
+    @property
+    def is_inflora(self) -> bool:
+        """False for other PEFT methods, which the trainer runs as plain sequential fine-tuning (a baseline)."""
+        return hasattr(self.peft_model.base_model, "begin_task")
+
+    def _head(self) -> tuple[ModulesToSaveWrapper, nn.Linear]:
+        """The classification head: the ``modules_to_save`` Linear whose outputs are the class logits."""
+        num_labels = getattr(self.peft_model.config, "num_labels", None)
+        candidates = []
+        for name, module in self.peft_model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                active = module.modules_to_save[self.peft_model.active_adapter]
+                if isinstance(active, nn.Linear):
+                    candidates.append((name, module, active))
+        exact = [c for c in candidates if c[2].out_features == num_labels]
+        chosen = exact or candidates
+        if not chosen:
+            raise ValueError(
+                "Class-incremental training needs the classification head in `modules_to_save` (e.g. "
+                "InfLoRAConfig(modules_to_save=['classifier']) for BERT, ['score'] for Llama): none was found."
+            )
+        return chosen[-1][1], chosen[-1][2]
+
+    def _ensure_head_size(self, num_classes: int) -> None:
+        wrapper, head = self._head()
+        if head.out_features >= num_classes:
+            return
+        for key in list(wrapper.modules_to_save.keys()):
+            module = wrapper.modules_to_save[key]
+            if isinstance(module, nn.Linear):
+                wrapper.modules_to_save[key] = _grow_linear(module, num_classes)
+        if isinstance(wrapper.original_module, nn.Linear):
+            wrapper.original_module = _grow_linear(wrapper.original_module, num_classes)
+        self.peft_model.config.num_labels = num_classes
+        for module in self.peft_model.modules():  # transformers heads keep their own copy for the loss
+            if isinstance(getattr(module, "num_labels", None), int) and module is not self.peft_model:
+                module.num_labels = num_classes
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``), so other
+        classes' head rows get exactly zero gradient. Generation: the model's own loss."""
+        if self.task_type == "generation" or self._task_classes is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        lo, hi = self._task_classes
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = F.cross_entropy(logits[:, lo:hi].float(), labels - lo)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus a post-step hook that restores the head rows of every class outside the
+        current task (weight decay or momentum would otherwise move them)."""
+        optimizer = super().create_optimizer(model)
+        if self._frozen_head is not None:
+            head, weight, bias, frozen = self._frozen_head
+
+            def restore_frozen_rows(opt, args, kwargs) -> None:
+                with torch.no_grad():
+                    head.weight[frozen] = weight[frozen]
+                    if bias is not None:
+                        head.bias[frozen] = bias[frozen]
+
+            target = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; hook the real one
+            target.register_step_post_hook(restore_frozen_rows)
+        return optimizer
+
+    # ------------------------------------------------------------------ the sequence
+    def train_continual(self, tasks: Sequence[ContinualTask], resume_from_checkpoint: bool = False) -> ContinualResult:
+        """Learn ``tasks`` in order and return the :class:`ContinualResult` (accuracy matrix, A_T, A_avg, BWT,
+        forgetting, times), also written to ``output_dir`` with plots.
+
+        After every task the adapter (with its memory), the result so far and the task index are saved under
+        ``output_dir/continual/``; ``resume_from_checkpoint=True`` continues after the last finished task.
+        """
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("`tasks` is empty: pass at least one ContinualTask.")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Task names must be unique, got {names}.")
+        for task in tasks:
+            if task.train_dataset is None:
+                raise ValueError(f"Task '{task.name}' has no train_dataset.")
+            if task.eval_dataset is None:
+                raise ValueError(f"Task '{task.name}' has no eval_dataset: every task needs test data for the "
+                                 "accuracy matrix.")
+        prepared = self._prepare_tasks(tasks)
+        start = 0
+        self.continual_result = ContinualResult(task_names=names, accuracy_matrix=[],
+                                                extra={"task_type": self.task_type})
+        if resume_from_checkpoint:
+            start = self._resume(names)
+        out_dir = Path(self.args.output_dir)
+        peft_model = self.peft_model
+        base_output_dir = self.args.output_dir
+        try:
+            for index in range(start, len(tasks)):
+                task, (train_ds, _) = tasks[index], prepared[index]
+                set_seed(self.args.seed + index)
+                self.args.output_dir = str(out_dir / CONTINUAL_DIR / f"task-{index + 1:02d}-{task.name}")
+                self.train_dataset = train_ds
+                if self.task_type != "generation":
+                    self._task_classes = self._class_ranges[index]
+                    self._freeze_head_outside(self._task_classes)
+                t0 = time.perf_counter()
+                if self.is_inflora:
+                    peft_model.begin_task(self.get_train_dataloader(), progress=self._show_progress)
+                stats_seconds = time.perf_counter() - t0
+                self._call_task_event("on_task_begin", task=task, task_index=index)
+                self.optimizer, self.lr_scheduler = None, None
+                self.model_wrapped = self.model  # re-wrap (DDP) around this task's new A_t
+                t0 = time.perf_counter()
+                self.train()
+                train_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                if self.is_inflora:
+                    peft_model.end_task(self.get_train_dataloader(), progress=self._show_progress)
+                stats_seconds += time.perf_counter() - t0
+                self._task_classes, self._frozen_head = None, None
+                row = [self._evaluate_task(tasks[j], prepared[j][1], seen=index) for j in range(index + 1)]
+                self.continual_result.add_row(row, train_seconds=train_seconds, statistics_seconds=stats_seconds)
+                self.args.output_dir = base_output_dir
+                self._save_progress(index, names)
+                self._call_task_event("on_task_end", task=task, task_index=index, result=self.continual_result)
+                self.log({f"continual/accuracy_after_{task.name}": sum(row) / len(row)})
+        finally:
+            self.args.output_dir = base_output_dir
+            self._task_classes, self._frozen_head = None, None
+        self._write_result()
+        return self.continual_result
+
+    def _prepare_tasks(self, tasks: list[ContinualTask]) -> list[tuple[Any, Any]]:
+        if self.task_type == "generation":
+            return [(t.train_dataset, t.eval_dataset) for t in tasks]
+        prepared, offset = [], 0
+        self._class_ranges = []
+        for task in tasks:
+            n = _num_task_classes(task)
+            prepared.append((_to_global_labels(task.train_dataset, offset, n, task.name),
+                             _to_global_labels(task.eval_dataset, offset, n, task.name)))
+            self._class_ranges.append((offset, offset + n))
+            offset += n
+        self._ensure_head_size(offset)
+        return prepared
+
+    def _freeze_head_outside(self, classes: tuple[int, int]) -> None:
+        _, head = self._head()
+        frozen = torch.ones(head.out_features, dtype=torch.bool, device=head.weight.device)
+        frozen[classes[0]: classes[1]] = False
+        bias = head.bias.detach().clone() if head.bias is not None else None
+        self._frozen_head = (head, head.weight.detach().clone(), bias, frozen)
+
+    def _call_task_event(self, event: str, **kwargs: Any) -> None:
+        for callback in self.callback_handler.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self.args, self.state, self.control, model=self.peft_model, **kwargs)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate_task(self, task: ContinualTask, eval_dataset: Any, seen: int) -> float:
+        """Accuracy on one task after learning tasks ``0..seen``."""
+        if self.task_type == "generation":
+            return self._evaluate_generation(eval_dataset)
+        output = self.predict(eval_dataset, metric_key_prefix=f"eval_{task.name}")
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        logits = torch.as_tensor(logits).float()
+        labels = torch.as_tensor(output.label_ids).long()
+        if self.task_type == "class_incremental":
+            lo, hi = 0, self._class_ranges[seen][1]
+        else:
+            index = next(i for i, t in enumerate(self._class_ranges) if t[0] <= int(labels[0]) < t[1])
+            lo, hi = self._class_ranges[index]
+        predictions = logits[:, lo:hi].argmax(-1) + lo
+        return float((predictions == labels).float().mean())
+
+    @torch.no_grad()
+    def _evaluate_generation(self, eval_dataset: Any) -> float:
+        tokenizer = self.processing_class
+        if tokenizer is None:
+            raise ValueError("Generation evaluation needs the tokenizer: pass processing_class=tokenizer.")
+        model = self.peft_model
+        was_training = model.training
+        model.eval()
+        is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left" if not is_enc_dec else padding_side
+        predictions: list[str] = []
+        prompts, answers = list(eval_dataset["prompt"]), list(eval_dataset["answer"])
+        batch_size = self.args.per_device_eval_batch_size
+        try:
+            for i in range(0, len(prompts), batch_size):
+                enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True).to(self.args.device)
+                out = model.generate(**enc, max_new_tokens=self.generation_max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new_tokens = out if is_enc_dec else out[:, enc["input_ids"].shape[1]:]
+                predictions.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+        finally:
+            tokenizer.padding_side = padding_side
+            model.train(was_training)
+        if self.answer_metric is not None:
+            return float(self.answer_metric(predictions, answers))
+        return sum(normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers)) / len(answers)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_progress(self, index: int, names: list[str]) -> None:
+        """Atomically save the adapter after task ``index`` and the progress record (write to a temporary folder,
+        then rename), so a crash never leaves a checkpoint that loads wrong."""
+        if not self.args.should_save:
+            return
+        root = Path(self.args.output_dir) / CONTINUAL_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"after-task-{index + 1:02d}"
+        tmp = root / f".after-task-{index + 1:02d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.peft_model.save_pretrained(str(tmp))
+        self.continual_result.to_json(str(tmp / RESULT_FILE))
+        (tmp / "progress.json").write_text(json.dumps({"tasks_done": index + 1, "task_names": names[: index + 1]}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._write_result()
+
+    def _resume(self, names: list[str]) -> int:
+        root = Path(self.args.output_dir) / CONTINUAL_DIR
+        done = sorted(root.glob("after-task-[0-9][0-9]")) if root.is_dir() else []
+        if not done:
+            return 0
+        last = done[-1]
+        progress = json.loads((last / "progress.json").read_text())
+        if progress["task_names"] != names[: progress["tasks_done"]]:
+            raise ValueError(f"The checkpoint in {last} learned tasks {progress['task_names']}, which is not the start "
+                             f"of the given sequence {names}: resume with the same tasks in the same order.")
+        adapter = self.peft_model.active_adapter
+        weights = load_peft_weights(str(last))
+        set_peft_model_state_dict(self.peft_model, weights, adapter_name=adapter)
+        saved = ContinualResult.from_json(str(last / RESULT_FILE))
+        self.continual_result.accuracy_matrix = saved.accuracy_matrix
+        self.continual_result.train_seconds = saved.train_seconds
+        self.continual_result.statistics_seconds = saved.statistics_seconds
+        return int(progress["tasks_done"])
+
+    def _write_result(self) -> None:
+        if not self.args.should_save or self.continual_result is None or not self.continual_result.accuracy_matrix:
+            return
+        out = Path(self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.continual_result.to_json(str(out / RESULT_FILE))
+        self.continual_result.plot_accuracy_matrix(str(out / "accuracy_matrix.png"))
+        self.continual_result.plot_accuracy_curve(str(out / "accuracy_curve.png"))
+
+    # ------------------------------------------------------------------ Hub
+    def create_model_card(self, model_name: Optional[str] = None, **kwargs: Any) -> None:
+        """README.md for the Hub: the tasks learned, the continual metrics and the accuracy matrix, and how to load
+        the adapter and continue the sequence."""
+        if not self.is_world_process_zero():
+            return
+        base = getattr(self.peft_model.peft_config[self.peft_model.active_adapter], "base_model_name_or_path", None)
+        result = self.continual_result
+        lines = ["---", "library_name: peft", "tags:", "- inflora", "- continual-learning", "- peft"]
+        if base:
+            lines.append(f"base_model: {base}")
+        lines += ["---", "", f"# {model_name or Path(self.args.output_dir).name}", "",
+                  "An [InfLoRA](https://arxiv.org/abs/2404.00228) adapter trained with "
+                  "[peft-inflora](https://pypi.org/project/peft-inflora/) on a sequence of tasks.", ""]
+        if result is not None and result.accuracy_matrix:
+            done = len(result.accuracy_matrix)
+            lines += [f"Tasks learned ({done}): " + ", ".join(result.task_names[:done]), "",
+                      result.summary_table(), ""]
+        num_labels = getattr(self.peft_model.config, "num_labels", None)
+        lines += ["## Usage", "", "```python",
+                  "import peft_inflora  # registers the InfLoRA method with PEFT: required before loading",
+                  "from peft import PeftModel", "",
+                  f"base = ...  # {base or 'the base model'}"
+                  + (f", with num_labels={num_labels}" if self.task_type != "generation" and num_labels else ""),
+                  "model = PeftModel.from_pretrained(base, REPO_ID, is_trainable=True)",
+                  "model.begin_task(next_task_batches)  # continue the sequence", "```", ""]
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, revision: Optional[str] = None, private: Optional[bool] = None,
+                    **kwargs: Any) -> Any:
+        """Push the adapter (with its memory), the continual result, the plots and a model card to
+        ``args.hub_model_id``; the per-task checkpoints under ``continual/`` stay local."""
+        from huggingface_hub import HfApi
+
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self._write_result()
+        self.create_model_card(**kwargs)
+        return HfApi(token=token).upload_folder(
+            repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message,
+            revision=revision if revision is not None else self.args.hub_revision,
+            allow_patterns=["adapter_config.json", "adapter_model.safetensors", "README.md", RESULT_FILE, "*.png"],
+            run_as_future=not blocking,
+        )

@@ -1,0 +1,223 @@
+"""ContinualTrainer: the task loop, class-/task-incremental heads, metrics and files, callbacks, resume, Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from continual_fixtures import bert, inflora_bert, tasks, training_args
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    model = inflora_bert()
+    trainer = ContinualTrainer(model=model, args=training_args(out))
+    result = trainer.train_continual(tasks())
+    return trainer, result, out
+
+
+def test_a_run_gives_the_accuracy_matrix_metrics_times_and_files(finished_run):
+    trainer, result, out = finished_run
+    assert result.task_names == ["t0", "t1", "t2"]
+    assert [len(row) for row in result.accuracy_matrix] == [1, 2, 3]
+    assert all(0.0 <= a <= 1.0 for row in result.accuracy_matrix for a in row)
+    a = result.accuracy_matrix
+    assert result.final_accuracy == pytest.approx(sum(a[2]) / 3)
+    assert result.backward_transfer == pytest.approx(((a[2][0] - a[0][0]) + (a[2][1] - a[1][1])) / 2)
+    assert len(result.train_seconds) == 3 and all(s > 0 for s in result.train_seconds)
+    assert len(result.statistics_seconds) == 3 and all(s > 0 for s in result.statistics_seconds)
+    assert trainer.peft_model.tasks_done() == 3 and not trainer.peft_model.task_in_progress()
+    saved = ContinualResult.from_json(out / "continual_result.json")
+    assert saved.accuracy_matrix == result.accuracy_matrix
+    for png in ("accuracy_matrix.png", "accuracy_curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for k in (1, 2, 3):
+        progress = json.loads((out / "continual" / f"after-task-{k:02d}" / "progress.json").read_text())
+        assert progress["tasks_done"] == k
+
+
+def test_the_head_is_grown_to_all_classes_of_the_sequence(finished_run):
+    trainer, _, _ = finished_run
+    _, head = trainer._head()
+    assert head.out_features == 2 + 3 + 2
+    assert trainer.peft_model.config.num_labels == 7
+
+
+def test_the_first_task_is_learned(finished_run):
+    _, result, _ = finished_run
+    assert result.accuracy_matrix[0][0] >= 0.9  # marker tokens make task 0 easy
+
+
+def test_old_head_rows_stay_bit_identical_while_later_tasks_train_even_with_weight_decay(tmp_path):
+    class Snapshot(ContinualCallback):
+        rows = {}
+
+        def on_task_end(self, args, state, control, task, task_index, result, model=None, **kwargs):
+            head = model.base_model.model.classifier.modules_to_save["default"]
+            Snapshot.rows[task_index] = (head.weight.detach().clone(), head.bias.detach().clone())
+
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, weight_decay=0.5),
+                               callbacks=[Snapshot()])
+    trainer.train_continual(tasks((2, 3)))
+    w0, b0 = Snapshot.rows[0]
+    w1, b1 = Snapshot.rows[1]
+    assert torch.equal(w1[:2], w0[:2]) and torch.equal(b1[:2], b0[:2])  # task 0's classes
+    assert not torch.equal(w1[2:5], w0[2:5])  # task 1's classes trained
+
+
+def test_task_incremental_evaluation_is_at_least_class_incremental(finished_run):
+    trainer, result, _ = finished_run
+    prepared = trainer._prepare_tasks(tasks())
+    trainer.task_type = "task_incremental"
+    try:
+        til = [trainer._evaluate_task(t, prepared[j][1], seen=2) for j, t in enumerate(tasks())]
+    finally:
+        trainer.task_type = "class_incremental"
+    assert all(t >= c - 1e-9 for t, c in zip(til, result.accuracy_matrix[2]))
+
+
+def test_task_events_reach_callbacks_in_order(tmp_path):
+    events = []
+
+    class Recorder(ContinualCallback):
+        def on_task_begin(self, args, state, control, task, task_index, model=None, **kwargs):
+            events.append(("begin", task_index, model.task_in_progress()))
+
+        def on_task_end(self, args, state, control, task, task_index, result, **kwargs):
+            events.append(("end", task_index, result.num_learned))
+
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, num_train_epochs=1),
+                               callbacks=[Recorder()])
+    trainer.train_continual(tasks((2, 2)))
+    assert events == [("begin", 0, True), ("end", 0, 1), ("begin", 1, True), ("end", 1, 2)]
+
+
+def test_other_peft_methods_run_as_a_sequential_baseline(tmp_path):
+    model = get_peft_model(bert(), LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, num_train_epochs=1))
+    assert not trainer.is_inflora
+    result = trainer.train_continual(tasks((2, 2)))
+    assert result.num_learned == 2
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ([], "empty"),
+        ("duplicate", "unique"),
+        ("no_eval", "no eval_dataset"),
+        ("label_out_of_range", r"labels must be in 0\.\.0 \(the task's own classes\), got 0\.\.1"),
+    ],
+)
+def test_bad_task_lists_fail_before_training(tmp_path, bad, match):
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, num_train_epochs=1))
+    seq = tasks((2, 2))
+    if bad == "duplicate":
+        seq[1].name = seq[0].name
+    elif bad == "no_eval":
+        seq = [ContinualTask("t0", seq[0].train_dataset, None)]
+    elif bad == "label_out_of_range":
+        seq = [ContinualTask("t0", seq[0].train_dataset, seq[0].eval_dataset, label_names=["a"])]
+    elif bad == []:
+        seq = []
+    with pytest.raises(ValueError, match=match):
+        trainer.train_continual(seq)
+
+
+def test_a_plain_model_is_refused(tmp_path):
+    with pytest.raises(TypeError, match="get_peft_model"):
+        ContinualTrainer(model=bert(), args=training_args(tmp_path))
+
+
+def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_the_sequence(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    calls = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_upload_folder(self, *, repo_id, folder_path, allow_patterns=None, revision=None, **kwargs):
+        calls["upload"] = (repo_id, revision)
+        for pattern in allow_patterns:
+            for f in Path(folder_path).glob(pattern):
+                if f.is_file():
+                    hub.mkdir(exist_ok=True)
+                    shutil.copy(f, hub / f.name)
+        return "commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    out = tmp_path / "run"
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(out, num_train_epochs=1,
+                                                                        hub_model_id="me/inflora-demo"))
+    seq = tasks((2, 3, 2))
+    trainer.train_continual(seq[:2])
+    assert trainer.push_to_hub() == "commit"
+    assert calls["upload"][0] == "me/inflora-demo"
+    assert sorted(p.name for p in hub.iterdir()) == ["README.md", "accuracy_curve.png", "accuracy_matrix.png",
+                                                     "adapter_config.json", "adapter_model.safetensors",
+                                                     "continual_result.json"]
+    card = (hub / "README.md").read_text()
+    assert "import peft_inflora" in card and "t0, t1" in card and "final accuracy" in card
+    # someone else downloads it and continues with the third task
+    downloaded = PeftModel.from_pretrained(bert(num_labels=5), hub, is_trainable=True)
+    assert downloaded.tasks_done() == 2
+    ref_in = {k: torch.tensor([v]) for k, v in seq[0].eval_dataset[0].items() if k != "label"}
+    trainer.peft_model.eval()
+    with torch.no_grad():
+        assert torch.equal(downloaded(**ref_in).logits, trainer.peft_model(**ref_in).logits)
+    nxt = ContinualTrainer(model=downloaded, args=training_args(tmp_path / "next", num_train_epochs=1))
+    result = nxt.train_continual([seq[2]])
+    assert downloaded.tasks_done() == 3 and result.num_learned == 1
+
+
+def _run_script(out: Path, kill_at_task: int | None, resume: bool) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    code = (
+        "import os, sys\n"
+        "from continual_fixtures import inflora_bert, tasks, training_args\n"
+        "from peft_inflora import ContinualCallback, ContinualTrainer\n"
+        "class Kill(ContinualCallback):\n"
+        "    def on_task_begin(self, args, state, control, task, task_index, **kw):\n"
+        f"        if task_index == {kill_at_task if kill_at_task is not None else -1}:\n"
+        "            os._exit(17)\n"
+        f"trainer = ContinualTrainer(model=inflora_bert(), args=training_args({str(out)!r}), callbacks=[Kill()])\n"
+        f"trainer.train_continual(tasks(), resume_from_checkpoint={resume})\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_uninterrupted_one(tmp_path):
+    killed = _run_script(tmp_path / "a", kill_at_task=2, resume=False)
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    assert (tmp_path / "a" / "continual" / "after-task-02").is_dir()
+    assert not (tmp_path / "a" / "continual" / "after-task-03").exists()
+    resumed = _run_script(tmp_path / "a", kill_at_task=None, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = _run_script(tmp_path / "b", kill_at_task=None, resume=False)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a = load_file(tmp_path / "a" / "continual" / "after-task-03" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "continual" / "after-task-03" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # same seeds, same data order, same statistics: bit-identical
+        assert torch.equal(a[key], b[key]), key
+    ra = json.loads((tmp_path / "a" / "continual_result.json").read_text())
+    rb = json.loads((tmp_path / "b" / "continual_result.json").read_text())
+    assert ra["accuracy_matrix"] == rb["accuracy_matrix"]
