@@ -56,13 +56,14 @@ class InfLoRAConfig(PeftConfig):
     Paper: Liang & Li, "InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning", CVPR 2024,
     https://arxiv.org/abs/2404.00228.
 
-    Task t adds a branch `W + B_t A_t` to each targeted layer. The design `B_t` (out_features x r, frozen) is chosen
-    from the task's input statistics so that it is orthogonal to the gradient subspace of earlier tasks (the memory);
-    only `A_t` (r x in_features) is trained. Call `begin_task` before and `end_task` after training on each task.
+    Task t adds a branch `y = W x + A_t B_t x` to each targeted layer. The design `B_t` (r x in_features, frozen) is
+    chosen from the task's input statistics so that its rows are orthogonal to the input subspace of earlier tasks
+    (the memory); only `A_t` (out_features x r, zero at the start of the task) is trained. Call `begin_task` before
+    and `end_task` after training on each task.
 
     Args:
         r (`int`, *optional*, defaults to `10`):
-            Rank of each task's branch (`B_t` has r columns, `A_t` has r rows). The paper uses 10.
+            Rank of each task's branch (`B_t` has r rows, `A_t` has r columns). The paper uses 10.
         target_modules (`Optional[Union[list[str], str]]`):
             Names of the modules to adapt, or a regex on the full module names. Linear layers and GPT-2 style
             `Conv1D` are supported. If unset, taken from `INFLORA_TARGET_MODULES_MAPPING` by `model_type`.

@@ -289,8 +289,9 @@ class InfLoRAModel(BaseTuner):
 
     # ------------------------------------------------------------------ unloading
     def unload(self) -> nn.Module:
-        """The base model without InfLoRA layers and without any task's update (``fold="base"`` tasks are taken
-        out of the weights again). Use ``merge_and_unload()`` to keep what was learned."""
+        """The base model without InfLoRA layers and without any task's low-rank update (``fold="base"`` tasks are
+        taken out of the weights again); as in PEFT, trained ``modules_to_save`` copies are kept. Use
+        ``merge_and_unload()`` to keep what was learned."""
         for module in self.model.modules():
             if isinstance(module, InfLoRALayer):
                 for adapter in list(module.fold):

@@ -391,6 +391,7 @@ class ContinualTrainer(Trainer):
         try:
             for i in range(0, len(prompts), batch_size):
                 enc = tokenizer(prompts[i: i + batch_size], return_tensors="pt", padding=True).to(self.args.device)
+                enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 out = model.generate(**enc, max_new_tokens=self.generation_max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
                 new_tokens = out if is_enc_dec else out[:, enc["input_ids"].shape[1]:]
