@@ -673,6 +673,31 @@ def offline_text_tasks(
     ]
 
 
+def split_classes(task: TextTask, groups: Sequence[Sequence[str]], names: Sequence[str] | None = None) -> list[TextTask]:
+    """Split one task into several by class, the way split benchmarks (Split CIFAR-100) build class-incremental
+    sequences: task ``k`` holds the classes ``groups[k]`` (names from ``task.label_names``), relabelled
+    ``0..len(groups[k])-1``."""
+    out = []
+    for k, group in enumerate(groups):
+        unknown = [c for c in group if c not in task.label_names]
+        if unknown or not group:
+            raise ValueError(f"split_classes: {unknown or 'an empty group'} not among {task.label_names}")
+        old_ids = [task.label_names.index(c) for c in group]
+        remap = {old: new for new, old in enumerate(old_ids)}
+
+        def subset(ds: Dataset) -> Dataset:
+            ds = ds.filter(lambda y: y in remap, input_columns="label")
+            labels = [remap[y] for y in ds["label"]]
+            ds = ds.remove_columns("label").add_column("label", labels)
+            return ds.cast_column("label", ClassLabel(names=list(group)))
+
+        name = names[k] if names is not None else f"{task.name}_{k + 1}"
+        out.append(TextTask(name, list(group), subset(task.train), subset(task.test),
+                            description=f"{task.description} (classes {', '.join(group)})", source=task.source,
+                            license=task.license))
+    return out
+
+
 # --------------------------------------------------------------------------- Hub
 
 def hub_text_task(

@@ -104,6 +104,10 @@ def _to_global_labels(dataset: Any, offset: int, num_classes: int, task_name: st
                          f"got {min(labels)}..{max(labels)}.")
     if column == "label":
         dataset = dataset.rename_column("label", "labels")
+    if hasattr(dataset, "cast_column"):  # a ClassLabel feature would refuse the shifted ids
+        import datasets
+
+        dataset = dataset.cast_column("labels", datasets.Value("int64"))
     return dataset.map(lambda batch: {"labels": [y + offset for y in batch["labels"]]}, batched=True,
                        desc=f"global labels for {task_name}")
 
