@@ -489,3 +489,40 @@ def test_bert_query_and_value_share_one_design_per_block():
     assert not torch.equal(layers["bert.encoder.layer.0.attention.self.query"].inflora_B["default"],
                            layers["bert.encoder.layer.1.attention.self.query"].inflora_B["default"])
     assert peft_inflora.InfLoRAConfig is InfLoRAConfig
+
+
+def test_statistics_pass_restores_train_mode_and_runs_in_eval_mode():
+    model = make_mlp_model()
+    seen = []
+    model.base_model.model.lin0.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    model.train()
+    model.begin_task(subspace_batches(1, dim=5, n_batches=2), progress=False)
+    assert seen == [False, False] and model.training
+    model.eval()
+    model.end_task(subspace_batches(1, dim=5, n_batches=2), progress=False)
+    assert not model.training
+
+
+def test_auto_peft_model_and_peft_config_load_the_method(tmp_path):
+    from peft import AutoPeftModelForSequenceClassification, PeftConfig
+
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(cfg)
+    base.save_pretrained(tmp_path / "base")
+    model = get_peft_model(base, InfLoRAConfig(r=2, modules_to_save=["classifier"]))
+    batch = {"input_ids": torch.randint(0, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    model.begin_task([batch], progress=False)
+    model.end_task([batch], progress=False)
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    model.save_pretrained(tmp_path / "adapter")
+    config = PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert isinstance(config, InfLoRAConfig) and config.peft_type == "INFLORA"
+    assert config.target_modules == {"query", "value"}  # the BERT default
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    assert loaded.tasks_done() == 1
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
