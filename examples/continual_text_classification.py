@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import datasets
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForSequenceClassification,
@@ -73,6 +74,9 @@ class DemoArguments:
     design: str = field(default="eigen", metadata={"help": "InfLoRA design: eigen (paper) or random."})
     task_type: str = field(default="class_incremental", metadata={
         "help": "class_incremental (no task id at test time) or task_incremental."})
+    loss_classes: str = field(default="task", metadata={
+        "help": "Cross-entropy over the current task's classes (task, the paper's) or over all classes seen so far "
+                "(seen; old head rows stay frozen)."})
     baseline: bool = field(default=True, metadata={"help": "Also run sequential PEFT LoRA (use --no_baseline)."})
     fast: bool = field(default=False, metadata={"help": "A smoke run: tiny data, a few steps."})
 
@@ -129,7 +133,7 @@ def run(method: str, args: DemoArguments, training: TrainingArguments, model_pat
     model = get_peft_model(base, config)
     out_dir = Path(training.output_dir) / method.lower().replace(" ", "_")
     method_args = TrainingArguments(**{**training.to_dict(), "output_dir": str(out_dir)})
-    trainer = ContinualTrainer(model=model, args=method_args, task_type=args.task_type,
+    trainer = ContinualTrainer(model=model, args=method_args, task_type=args.task_type, loss_classes=args.loss_classes,
                                processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
     t0 = time.perf_counter()
     result = trainer.train_continual(tasks)
@@ -149,6 +153,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.fast:
         args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
         training.num_train_epochs = 1
+    if training.disable_tqdm:
+        datasets.disable_progress_bars()
     model_path = args.model or packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tasks = tokenized(build_tasks(args), tokenizer, args.max_length)

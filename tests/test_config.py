@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType
 
 from peft_inflora import registry
-from peft_inflora.config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from peft_inflora.config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, UnknownConfigFieldError
 
 
 _BASE_FIELDS = {f.name for f in dataclasses.fields(PeftConfig)}
@@ -289,22 +289,26 @@ def test_peft_config_from_pretrained_needs_registration(tmp_path, isolated_peft_
         PeftConfig.from_pretrained(tmp_path)
 
 
-def test_unknown_saved_fields_warn_and_are_ignored(tmp_path):
+def test_unknown_saved_fields_are_refused_naming_them_and_saying_to_upgrade(tmp_path):
+    """Fields from a newer peft-inflora may change how later tasks are designed: refused, not silently dropped."""
     config = InfLoRAConfig(r=4)
     _save(config, tmp_path, future_field=1, another_new_field="x")
-    with pytest.warns(UserWarning, match=r"\['another_new_field', 'future_field'\]; they are ignored.*upgrade"):
-        loaded = InfLoRAConfig.from_pretrained(tmp_path)
-    assert loaded == config
+    with pytest.raises(
+        UnknownConfigFieldError,
+        match=r"no field\(s\) \['another_new_field', 'future_field'\].*pip install -U peft-inflora",
+    ):
+        InfLoRAConfig.from_pretrained(tmp_path)
 
 
-def test_unknown_saved_fields_through_peft_config_warn_too(tmp_path, isolated_peft_registry):
+def test_unknown_saved_fields_through_peft_config_are_refused_too(tmp_path, isolated_peft_registry):
     registry.register(InfLoRAConfig, _model_class())
     config = InfLoRAConfig(r=4)
     _save(config, tmp_path, future_field=1)
-    # PEFT's own forward-compatibility path: it names the fields (and suggests upgrading PEFT)
-    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['future_field'\] for class InfLoRAConfig"):
-        loaded = PeftConfig.from_pretrained(tmp_path)
-    assert type(loaded) is InfLoRAConfig and loaded == config
+    # PEFT's own forward-compatibility path would drop the field with a warning to upgrade PEFT (the wrong package)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UnknownConfigFieldError, match=r"\['future_field'\].*pip install -U peft-inflora"):
+            PeftConfig.from_pretrained(tmp_path)
 
 
 def test_known_fields_load_without_warnings(tmp_path):

@@ -183,8 +183,20 @@ def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_
     with torch.no_grad():
         assert torch.equal(downloaded(**ref_in).logits, trainer.peft_model(**ref_in).logits)
     nxt = ContinualTrainer(model=downloaded, args=training_args(tmp_path / "next", num_train_epochs=1))
-    result = nxt.train_continual([seq[2]])
-    assert downloaded.tasks_done() == 3 and result.num_learned == 1
+    with pytest.raises(ValueError, match="previous_result"):  # the learned tasks' classes must not be reused
+        nxt.train_continual([seq[2]])
+    with pytest.raises(ValueError, match="must start with"):
+        nxt.train_continual([seq[1], seq[0], seq[2]], previous_result=hub)
+    assert downloaded.tasks_done() == 2
+    head = downloaded.base_model.model.classifier.modules_to_save["default"]
+    old_rows = head.weight[:5].detach().clone()  # tasks t0 (2 classes) and t1 (3 classes)
+    result = nxt.train_continual(seq, previous_result=ContinualResult.from_pretrained(hub))
+    assert downloaded.tasks_done() == 3 and result.num_learned == 3
+    assert result.accuracy_matrix[:2] == trainer.continual_result.accuracy_matrix  # the uploader's rows carry over
+    assert len(result.accuracy_matrix[2]) == 3  # the new row evaluates the two downloaded tasks too
+    head = downloaded.base_model.model.classifier.modules_to_save["default"]  # grown: a new module
+    assert head.out_features == 7
+    assert torch.equal(head.weight[:5], old_rows)  # the learned classes keep their head rows
 
 
 def _run_script(out: Path, kill_at_task: int | None, resume: bool) -> subprocess.CompletedProcess:
@@ -221,3 +233,25 @@ def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_unin
     ra = json.loads((tmp_path / "a" / "continual_result.json").read_text())
     rb = json.loads((tmp_path / "b" / "continual_result.json").read_text())
     assert ra["accuracy_matrix"] == rb["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("loss_classes, lo", [("task", 2), ("seen", 0)])
+def test_the_loss_is_cross_entropy_over_the_task_or_all_seen_classes(tmp_path, loss_classes, lo):
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path), loss_classes=loss_classes)
+    trainer._prepare_tasks(tasks((2, 3, 2)))
+    trainer._task_classes = (2, 5)  # training the second task
+    torch.manual_seed(0)
+    inputs = {"input_ids": torch.randint(5, 90, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+              "labels": torch.tensor([2, 3, 4, 2])}
+    trainer.peft_model.eval()
+    with torch.no_grad():
+        logits = trainer.peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        loss = trainer.compute_loss(trainer.peft_model, dict(inputs))
+    expected = torch.nn.functional.cross_entropy(logits[:, lo:5], inputs["labels"] - lo)
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, torch.nn.functional.cross_entropy(logits[:, 2 - lo:5], inputs["labels"] - 2 + lo))
+
+
+def test_an_unknown_loss_classes_value_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="loss_classes must be one of"):
+        ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path), loss_classes="all")

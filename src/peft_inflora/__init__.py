@@ -4,9 +4,22 @@ Importing the package registers the ``"inflora"`` method with PEFT, so ``get_pef
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes know it.
 """
 
-from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from .config import (
+    INFLORA_TARGET_MODULES_MAPPING,
+    AdapterFileError,
+    InfLoRAConfig,
+    UnknownConfigFieldError,
+    check_adapter_weights,
+)
 from .layer import InfLoRALayer, Linear, NoTaskInProgressError
-from .model import InfLoRAModel, LayerCapacity, SubspaceExhaustedError, SubspaceWarning, TaskLifecycleError
+from .model import (
+    InfLoRAModel,
+    LayerCapacity,
+    LayerInterference,
+    SubspaceExhaustedError,
+    SubspaceWarning,
+    TaskLifecycleError,
+)
 from .registry import register as _register
 from .statistics import StatisticsError
 from .metrics import ContinualResult
@@ -17,6 +30,7 @@ _register(InfLoRAConfig, InfLoRAModel)
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
     "ContinualCallback",
     "ContinualResult",
     "ContinualTask",
@@ -27,10 +41,13 @@ __all__ = [
     "InfLoRALayer",
     "InfLoRAModel",
     "LayerCapacity",
+    "LayerInterference",
     "Linear",
     "NoTaskInProgressError",
     "StatisticsError",
     "SubspaceExhaustedError",
     "SubspaceWarning",
     "TaskLifecycleError",
+    "UnknownConfigFieldError",
+    "check_adapter_weights",
 ]

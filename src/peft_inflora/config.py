@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
 import re
-import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -376,9 +377,13 @@ class InfLoRAConfig(PeftConfig):
         """Check the fields read from an ``adapter_config.json`` before the config is built.
 
         * ``peft_type`` other than ``"INFLORA"``: ``ValueError`` (that file belongs to another method);
-        * fields this version does not know (the file was written by a newer peft-inflora): a warning that names
-          them, and they are dropped, as PEFT does for its own configs, instead of the dataclass's bare
-          ``TypeError``. PEFT's own warning would say to upgrade PEFT, the wrong package here.
+        * fields this version does not know (the file was written by a newer peft-inflora):
+          :class:`UnknownConfigFieldError` naming them and saying to upgrade peft-inflora.
+
+        Unknown fields are refused, not dropped with a warning as PEFT does for its own configs: a field added by a
+        later release may change how the next task's ``B_t`` is designed or how the memory is kept, and continuing a
+        task sequence with it silently ignored would protect old tasks less without any visible sign. Whoever is sure
+        a field can be ignored may delete it from ``adapter_config.json``.
         """
         kwargs = super().check_kwargs(**kwargs)
         peft_type = kwargs.get("peft_type")
@@ -387,17 +392,7 @@ class InfLoRAConfig(PeftConfig):
                 f"This adapter config has peft_type={peft_type!r}, not {registry.PEFT_TYPE_NAME!r}: it is not an "
                 "InfLoRA adapter. Load it with peft.PeftConfig.from_pretrained / peft.PeftModel.from_pretrained."
             )
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            warnings.warn(
-                f"The adapter config has fields that {cls.__name__} of peft-inflora {_package_version()} does not "
-                f"know: {unknown}; they are ignored. The adapter was probably saved by a newer peft-inflora: "
-                "upgrade it (pip install -U peft-inflora) before continuing a task sequence with it.",
-                UserWarning,
-                stacklevel=3,
-            )
-            kwargs = {key: value for key, value in kwargs.items() if key in known}
+        _check_known_fields(cls, kwargs)
         return kwargs
 
     @classmethod
@@ -408,6 +403,112 @@ class InfLoRAConfig(PeftConfig):
         ``InfLoRAConfig.from_pretrained`` works before the method is registered with PEFT.
         """
         return cls(**cls.check_kwargs(**kwargs))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config of a saved adapter, checking the adapter folder before anything else is touched.
+
+        ``PeftModel.from_pretrained`` / ``load_adapter`` read the config through this method *before* they inject
+        layers into the base model, so problems found here leave the base model exactly as it was. For a local
+        folder the weights file is checked too (see :func:`check_adapter_weights`): a truncated or corrupted
+        ``adapter_model.safetensors``, or a folder holding only a pickle ``adapter_model.bin``, raises
+        :class:`AdapterFileError` naming the file and what to do. Unknown fields raise
+        :class:`UnknownConfigFieldError` (see :meth:`check_kwargs`).
+        """
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder) if subfolder else str(
+            pretrained_model_name_or_path)
+        # not dataclass fields (never saved): load errors name the source, and a load that fails before any weight is
+        # set takes the freshly injected adapter out again (InfLoRAModel._remap_adapter_state_dict_for_load)
+        config._loaded_from = folder
+        config._undo_if_load_fails = True
+        if os.path.isdir(folder):
+            check_adapter_weights(folder)
+        return config
+
+
+# ---------------------------------------------------------------------------------------------- loading helpers
+class UnknownConfigFieldError(TypeError, ValueError):
+    """The config has fields this version of peft-inflora does not know (a typo, or saved by a newer release).
+
+    A ``TypeError`` like the dataclass's own error for an unexpected keyword, and a ``ValueError`` like the other
+    invalid-config errors.
+    """
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter's weights file is missing, truncated, corrupted, or in the (unsafe) pickle format."""
+
+
+def _check_known_fields(cls: type, kwargs: dict) -> None:
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        # the wording must not contain "got an unexpected keyword argument": PEFT's PeftConfig.from_peft_type catches
+        # TypeErrors with that text and retries without the fields (with a warning to upgrade PEFT, the wrong package)
+        raise UnknownConfigFieldError(
+            f"{cls.__name__} of peft-inflora {_package_version()} has no field(s) {unknown}. If they come from an "
+            "adapter_config.json saved by a newer peft-inflora, upgrade it: pip install -U peft-inflora (they are not "
+            "ignored because they may change how later tasks are designed or protected; delete them from "
+            "adapter_config.json only if you are sure they do not matter). If they are typos, the known fields are: "
+            f"{sorted(known)}."
+        )
+
+
+def _refuse_unknown_fields(init):
+    """Wrap the dataclass ``__init__`` so unknown keywords raise :class:`UnknownConfigFieldError` (also when PEFT's
+    ``PeftConfig.from_pretrained`` builds the config, which bypasses :meth:`InfLoRAConfig.check_kwargs`)."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        _check_known_fields(type(self), kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+InfLoRAConfig.__init__ = _refuse_unknown_fields(InfLoRAConfig.__init__)
+
+
+def check_adapter_weights(folder: Union[str, os.PathLike]) -> None:
+    """Check the weights file of a local adapter folder without loading any tensor (nothing is unpickled).
+
+    * ``adapter_model.safetensors`` present: its header must parse and cover the file (catches truncated and
+      corrupted files; NaN / inf values and shapes are checked when the weights are loaded into the model);
+    * only ``adapter_model.bin`` present: refused. It is a pickle file, and unpickling can run arbitrary code;
+      peft-inflora only loads safetensors;
+    * neither: nothing to check here (a config-only folder is fine for reading the config).
+
+    Raises:
+        AdapterFileError: naming the file and what to do.
+    """
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+    folder = str(folder)
+    safetensors_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
+    pickle_file = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(safetensors_file):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(safetensors_file, framework="pt") as handle:
+                list(handle.keys())
+        except Exception as exc:  # SafetensorError, OSError, ...
+            raise AdapterFileError(
+                f"The adapter weights file {safetensors_file} cannot be read ({type(exc).__name__}: {exc}): it is "
+                "truncated or corrupted, e.g. by an interrupted download or copy. Download or copy the adapter again "
+                "(for the Hub: delete it from the Hugging Face cache first), or save it again with "
+                "model.save_pretrained(folder)."
+            ) from exc
+    elif os.path.isfile(pickle_file):
+        raise AdapterFileError(
+            f"{folder} holds the adapter weights only as {WEIGHTS_NAME}, a pickle file, and no "
+            f"{SAFETENSORS_WEIGHTS_NAME}: peft-inflora loads adapter weights only from safetensors, because "
+            "unpickling a file can run arbitrary code. Save the adapter again with model.save_pretrained(folder) "
+            "(safetensors is the default; do not pass safe_serialization=False), or, if you trust the file, "
+            f"convert it once: safetensors.torch.save_file(torch.load('{pickle_file}', weights_only=True), "
+            f"'{safetensors_file}')."
+        )
 
 
 def _package_version() -> str:
@@ -485,4 +586,10 @@ def _module_names(name: str, value: Any) -> Optional[Union[set[str], str]]:
     )
 
 
-__all__ = ["INFLORA_TARGET_MODULES_MAPPING", "InfLoRAConfig"]
+__all__ = [
+    "INFLORA_TARGET_MODULES_MAPPING",
+    "AdapterFileError",
+    "InfLoRAConfig",
+    "UnknownConfigFieldError",
+    "check_adapter_weights",
+]

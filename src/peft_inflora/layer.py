@@ -132,15 +132,20 @@ class InfLoRALayer(BaseTunerLayer):
     def set_design(self, adapter_name: str, design: torch.Tensor, init_weights: bool = True,
                    generator: Optional[torch.Generator] = None, requires_grad: bool = True) -> None:
         """Install ``B_t`` (``r_t x d_in``) and a fresh ``A_t`` (``d_out x r_t``): zeros, or small random values
-        when ``init_weights=False`` (used by tests that need a non-identity adapter)."""
+        when ``init_weights=False`` (used by tests that need a non-identity adapter).
+
+        ``B_t`` is kept in at least float32 (it defines the protected subspace); ``A_t`` keeps the dtype PEFT gave the
+        adapter's (empty) ``A``: float32 by default, the base model's dtype with ``autocast_adapter_dtype=False``."""
         ref = self.inflora_past_A[adapter_name]
         r_t = design.shape[0]
         dtype = torch.float32 if ref.dtype not in (torch.float32, torch.float64) else ref.dtype
+        current_a = self.inflora_A[adapter_name]
+        a_dtype = current_a.dtype if current_a.dtype.is_floating_point else dtype
         self.inflora_B[adapter_name] = design.to(device=ref.device, dtype=dtype).contiguous()
         if init_weights:
-            a = torch.zeros(self.out_features, r_t, dtype=dtype)
+            a = torch.zeros(self.out_features, r_t, dtype=a_dtype)
         else:
-            a = torch.randn(self.out_features, r_t, dtype=torch.float64, generator=generator).to(dtype) * 0.1
+            a = torch.randn(self.out_features, r_t, dtype=torch.float64, generator=generator).to(a_dtype) * 0.1
         self.inflora_A[adapter_name] = nn.Parameter(a.to(ref.device), requires_grad=requires_grad)
 
     def clear_branch(self, adapter_name: str) -> None:
@@ -249,20 +254,37 @@ class Linear(nn.Module, InfLoRALayer):
         past_A, past_B = self.inflora_past_A[adapter], self.inflora_past_B[adapter]
         return F.linear(F.linear(self._cast_input_dtype(x, past_B.dtype), past_B), past_A)
 
+    def _without_hidden_past(self, result: torch.Tensor, x: torch.Tensor, visible) -> torch.Tensor:
+        """``fold="base"`` puts every adapter's finished tasks into the one shared ``W``: take out those of the
+        adapters not in ``visible`` (all of them when the adapters are disabled), so each adapter sees only its own."""
+        for adapter in self.fold:
+            if adapter not in visible and self.past_delta_in_base(adapter):
+                result = result - self._past_output(x, adapter).to(result.dtype)
+        return result
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
+                                           adapter_names: Optional[list[str]]) -> nn.Module:
+        """Used by PEFT's ``merge_and_unload`` / ``unload``: with ``merge``, the base layer with the merged adapters
+        in it and without the ``fold="base"`` tasks of the adapters that were not merged. (``InfLoRAModel.unload``
+        takes every adapter's folded tasks out before unloading.)"""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            for adapter in list(self.fold):
+                if adapter not in self.merged_adapters:
+                    self.remove_folded_past(adapter)
+        return self.get_base_layer()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         previous_dtype = x.dtype
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            result = self.base_layer(x, *args, **kwargs)
-            for adapter in self.active_adapters:
-                if adapter in self.inflora_A and self.past_delta_in_base(adapter):
-                    # finished tasks live inside W: take them out again to give the base model's output
-                    result = result - self._past_output(x, adapter).to(result.dtype)
+            # finished tasks live inside W: take them out again to give the base model's output
+            result = self._without_hidden_past(self.base_layer(x, *args, **kwargs), x, visible=())
         elif self.merged:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self._without_hidden_past(self.base_layer(x, *args, **kwargs), x, visible=self.merged_adapters)
         else:
-            result = self.base_layer(x, *args, **kwargs)
+            result = self._without_hidden_past(self.base_layer(x, *args, **kwargs), x, visible=self.active_adapters)
             torch_result_dtype = result.dtype
             for adapter in self.active_adapters:
                 if adapter not in self.inflora_A:

@@ -37,9 +37,11 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+RESULT_FILE = "continual_result.json"  # the name under which a run's result is saved next to its adapter
 
 
 __all__ = [
@@ -447,6 +449,27 @@ class ContinualResult:
         """Read a file written by :meth:`to_json`."""
         with open(os.fspath(path), encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: Union[str, os.PathLike], *, revision: Optional[str] = None,
+                        token: Optional[str] = None) -> "ContinualResult":
+        """The result saved next to an adapter: ``continual_result.json`` in a local folder (a ContinualTrainer's
+        ``output_dir``, a checkpoint) or in a Hub repository pushed by ``ContinualTrainer.push_to_hub``.
+
+        Pass it as ``previous_result`` to ``ContinualTrainer.train_continual`` to continue the sequence.
+        """
+        path = os.fspath(path_or_repo_id)
+        if os.path.isfile(path):
+            return cls.from_json(path)
+        if os.path.isdir(path):
+            file = os.path.join(path, RESULT_FILE)
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{path} holds no {RESULT_FILE}: pass the folder a ContinualTrainer wrote "
+                                        "(its output_dir or a continual/after-task-NN checkpoint).")
+            return cls.from_json(file)
+        from huggingface_hub import hf_hub_download
+
+        return cls.from_json(hf_hub_download(path, RESULT_FILE, revision=revision, token=token))
 
     # -- reporting ----------------------------------------------------------------------------
     def summary_table(self, digits: int = 2) -> str:

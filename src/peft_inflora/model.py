@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils.other import get_pattern_key
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -52,11 +52,105 @@ class LayerCapacity:
     memory_form: str
 
 
+@dataclass
+class LayerInterference:
+    """How much the designed ``B_t`` of the task in progress reads the inputs of some (old) task, in one input group.
+
+    ``X`` (``N x d_in``) holds the group's input vectors over the batches given to
+    :meth:`InfLoRAModel.interference_report` (non-padding tokens, as the model produces them now).
+
+    Attributes:
+        layers: the adapted layers of the group (they read the same input).
+        d_in: input dimension.
+        rank: rows of ``B_t`` (the largest in the group).
+        tokens: ``N``.
+        input_norm: ``||X||_F``.
+        design_norm: ``max over the group's layers of ||B_t||_2`` (spectral norm).
+        leakage: ``max over the group's layers of ||X B_t^T||_F / (||B_t||_2 ||X||_F)``, in ``[0, 1]``: 0 when the
+            inputs lie in the memory (orthogonal to every row of ``B_t``), 1 when they all lie along ``B_t``'s top
+            right singular vector.
+    """
+
+    layers: list[str]
+    d_in: int
+    rank: int
+    tokens: int
+    input_norm: float
+    design_norm: float
+    leakage: float
+
+    def bound(self, delta_a_norm: float) -> float:
+        """Largest ``||X B_t^T (A' - A)^T||_F`` (the change of the layer's outputs on ``X``) for
+        ``||A' - A||_2 = delta_a_norm``: ``leakage * delta_a_norm * design_norm * input_norm``."""
+        return self.leakage * delta_a_norm * self.design_norm * self.input_norm
+
+
 def _layer_class_for(target: nn.Module) -> Optional[type]:
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, (nn.Linear, Conv1D)):
         return Linear
     return None
+
+
+def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
+    return TypeError(
+        f"InfLoRA cannot adapt module '{key}' of type {type(target).__name__}: only torch.nn.Linear and transformers' "
+        "Conv1D are supported. Remove it from `target_modules` (or narrow the pattern)."
+    )
+
+
+def _check_target(config: InfLoRAConfig, key: str, target: nn.Module) -> None:
+    """The checks layer creation would make for one targeted module, without creating anything."""
+    if _layer_class_for(target) is None:
+        raise _unsupported_module_error(key, target)
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    in_features, out_features = _get_in_out_features(base)
+    rank_pattern = config.rank_pattern or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), config.r)
+    if in_features is not None and out_features is not None and r > min(in_features, out_features):
+        limit = min(in_features, out_features)
+        raise ValueError(
+            f"r={r} is larger than layer '{key}' allows (in_features={in_features}, out_features={out_features}): "
+            f"use r <= {limit}, or give this layer a smaller rank with rank_pattern={{'{key}': {limit}}}."
+        )
+
+
+def _undo_failed_load(model: nn.Module, adapter_name: str) -> None:
+    """After loading adapter weights failed: take the adapter out of ``model`` (a ``PeftModel``) again, so that the
+    base model the caller passed to ``PeftModel.from_pretrained`` is left as it was (its modules, weights and
+    ``requires_grad`` flags), and ``load_adapter`` leaves the other adapters as they were. Best effort: a failure here
+    must not hide the load error."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, InfLoRAModel) or adapter_name not in tuner.peft_config:
+        return  # layers injected by other means (e.g. transformers' integration): nothing we can safely undo
+    layers = [m for m in tuner.model.modules() if isinstance(m, InfLoRALayer) and adapter_name in m.inflora_A]
+    if any(layer.tasks_done(adapter_name) or layer.task_in_progress(adapter_name) for layer in layers):
+        return  # never throw away learned state: only a freshly injected, empty adapter is taken out
+    try:
+        if len(tuner.peft_config) > 1:
+            tuner.delete_adapter(adapter_name)
+            return
+        base = tuner.model
+        for key, module in list(base.named_modules()):
+            if isinstance(module, InfLoRALayer):
+                original = module.get_base_layer()
+            elif isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save copies made for the adapter
+                original = module.original_module
+            else:
+                continue
+            try:
+                parent, _, child_name = _get_submodules(base, key)
+            except AttributeError:  # inside a wrapper that was already replaced
+                continue
+            setattr(parent, child_name, original)
+        if "peft_config" in base.__dict__:
+            del base.peft_config
+        flags = getattr(tuner, "_requires_grad_before_injection", {})
+        for name, param in base.named_parameters():
+            if name in flags:
+                param.requires_grad_(flags[name])
+    except Exception:  # pragma: no cover - defensive
+        warnings.warn(f"Could not take the adapter '{adapter_name}' out of the model after the failed load.")
 
 
 class InfLoRAModel(BaseTuner):
@@ -93,15 +187,25 @@ class InfLoRAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _prepare_model(self, peft_config: InfLoRAConfig, model: nn.Module) -> None:
+        """Check every module the config targets before the first one is replaced (PEFT replaces them one by one),
+        so an unsupported module type or a rank too large for some layer fails with the model untouched."""
+        super()._prepare_model(peft_config, model)
+        tuner_layers = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+        if not tuner_layers:  # first adapter: remember what a failed load must restore (see _undo_failed_load)
+            self._requires_grad_before_injection = {n: p.requires_grad for n, p in model.named_parameters()}
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(prefix) for prefix in tuner_layers):
+                continue
+            if self._check_target_module_exists(peft_config, key):
+                _check_target(peft_config, key, module)
+
     @staticmethod
     def _create_new_module(inflora_config: InfLoRAConfig, adapter_name: str, target: nn.Module, r: int,
                            current_key: str) -> nn.Module:
         layer_cls = _layer_class_for(target)
         if layer_cls is None:
-            raise TypeError(
-                f"InfLoRA cannot adapt module '{current_key}' of type {type(target).__name__}: only torch.nn.Linear "
-                "and transformers' Conv1D are supported. Remove it from `target_modules` (or narrow the pattern)."
-            )
+            raise _unsupported_module_error(current_key, target)
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         fan_in_fan_out = inflora_config.fan_in_fan_out
         if isinstance(base, Conv1D):
@@ -180,6 +284,7 @@ class InfLoRAModel(BaseTuner):
         """
         name = self._resolve_adapter(adapter_name)
         config = self.peft_config[name]
+        config._validate()  # fields may have been changed since the config was built
         layers = self._checked_layers(name)
         if self.task_in_progress(name):
             raise TaskLifecycleError(
@@ -248,11 +353,19 @@ class InfLoRAModel(BaseTuner):
         """
         name = self._resolve_adapter(adapter_name)
         config = self.peft_config[name]
+        config._validate()  # fields may have been changed since the config was built
         layers = self._checked_layers(name)
         if not self.task_in_progress(name):
             raise TaskLifecycleError(
                 f"No task of adapter '{name}' is in progress: call `begin_task(batches)` before training and "
                 "`end_task(batches)` after it."
+            )
+        diverged = [n for n, layer in layers.items() if not torch.isfinite(layer.inflora_A[name].detach()).all()]
+        if diverged:
+            raise ValueError(
+                f"The trained A_t of {len(diverged)} layer(s), e.g. '{diverged[0]}', holds NaN or inf: training "
+                "diverged. Call `abort_task()` to discard the branch and train the task again from `begin_task` with "
+                "a smaller learning rate (or gradient clipping). Nothing was changed."
             )
         done = self.tasks_done(name)
         threshold = energy_threshold(config.energy_threshold, done, config.total_tasks)
@@ -287,6 +400,59 @@ class InfLoRAModel(BaseTuner):
             report.append(LayerCapacity([n], memory.d_in, memory.dimension, memory.free_dimension, memory.form))
         return report
 
+    def interference_report(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
+                            progress: bool = False) -> list[LayerInterference]:
+        """Measure, per input group, how much the task in progress can disturb the outputs on ``batches``.
+
+        Pass batches of an *old* task (or any data whose outputs must not move). A statistics pass over them (the
+        model as it is now, nothing changes) gives each group's inputs ``X`` (``N x d_in``, padding left out), and
+        with the designed ``B_t`` of each layer::
+
+            leakage = max over the group's layers of ||X B_t^T||_F / (||B_t||_2 ||X||_F)       (in [0, 1])
+
+        Bound: training changes only ``A_t`` (the rest of the layer is frozen), so for every layer of the group and
+        any two values ``A``, ``A'`` of its ``A_t`` (e.g. before and after training) the outputs on these inputs
+        change by::
+
+            ||X B_t^T (A' - A)^T||_F  <=  leakage * ||A' - A||_2 * design_norm * input_norm
+
+        (:meth:`LayerInterference.bound`). Called right after ``begin_task`` (``A_t = 0``, the outputs of the old
+        model), ``X`` is what every adapted layer reads on the old task before training, so this bounds how far
+        training the new task moves each adapted layer's outputs on it (for inputs that reach it unchanged; layers
+        further down also see the change of the layers above). With ``energy_threshold=1.0`` the memory spans the
+        old tasks' inputs and the leakage is 0 up to float error.
+
+        Raises:
+            TaskLifecycleError: no task is in progress (there is no ``B_t`` to measure): call ``begin_task`` first.
+            StatisticsError: as for ``begin_task`` (empty batches, all padding, non-finite activations, ...).
+        """
+        name = self._resolve_adapter(adapter_name)
+        layers = self._checked_layers(name)
+        if not self.task_in_progress(name):
+            raise TaskLifecycleError(
+                f"No task of adapter '{name}' is in progress: the interference report measures the designed B_t of "
+                "the task in progress. Call `begin_task(new_task_batches)` first, then pass an old task's batches."
+            )
+        groups = self._statistics(name, layers, batches, "InfLoRA interference", progress)
+        report = []
+        for group in groups:
+            S = group.accumulator.sum.to(torch.float64)  # X^T X
+            input_sq = float(torch.diagonal(S).sum().clamp_min(0.0))
+            leakage, design_norm, rank = 0.0, 0.0, 0
+            for n in group.names:
+                B = layers[n].inflora_B[name].detach().to(device=S.device, dtype=torch.float64)
+                if B.shape[0] == 0:
+                    continue
+                spectral = float(torch.linalg.matrix_norm(B, ord=2))
+                read = float(((B @ S) * B).sum().clamp_min(0.0))  # trace(B X^T X B^T) = ||X B^T||_F^2
+                if spectral > 0 and input_sq > 0:
+                    leakage = max(leakage, (read / input_sq) ** 0.5 / spectral)
+                design_norm, rank = max(design_norm, spectral), max(rank, B.shape[0])
+            report.append(LayerInterference(list(group.names), int(S.shape[0]), rank,
+                                            int(group.accumulator.count.item()), input_sq ** 0.5, design_norm,
+                                            leakage))
+        return report
+
     # ------------------------------------------------------------------ unloading
     def unload(self) -> nn.Module:
         """The base model without InfLoRA layers and without any task's low-rank update (``fold="base"`` tasks are
@@ -299,13 +465,15 @@ class InfLoRAModel(BaseTuner):
         return self._unload_and_optionally_merge(merge=False)
 
     # ------------------------------------------------------------------ loading
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
-                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Before loading: check every layer's saved state is present and fits the base model, then resize the
-        continual-state tensors (their shapes grow with the tasks learned) so the checkpoint loads into them. With
-        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before)."""
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+    @staticmethod
+    def _checked_load_plan(model: nn.Module, config: InfLoRAConfig, adapter_name: str,
+                           state_dict: dict[str, torch.Tensor]) -> list[tuple]:
+        """Every InfLoRA tensor of the checkpoint, checked against the layers it is loaded into: present, the
+        layer's shapes, finite, consistent ranks. Raises ``ValueError`` naming the file and what to do."""
+        source = getattr(config, "_loaded_from", None)
+        where = f"The adapter in {source}" if source else "The adapter checkpoint"
+        trained_on = getattr(config, "base_model_name_or_path", None)
+        base_hint = f" ({trained_on})" if trained_on else ""
         prefix = "base_model.model."
         uses_prefix = any(k.startswith(prefix) for k in state_dict)
         plan = []
@@ -318,10 +486,12 @@ class InfLoRAModel(BaseTuner):
                     key = prefix + key
                 if key not in state_dict:
                     raise ValueError(
-                        f"The adapter checkpoint has no '{key}': it is truncated, or was saved from a model with "
-                        "other adapted layers. Load it onto the base model and target_modules it was trained with."
+                        f"{where} has no '{key}': it is truncated, or was saved from a model with other adapted "
+                        "layers. Load it onto the base model and target_modules it was trained with"
+                        f"{base_hint}, or download / copy the adapter again."
                     )
                 plan.append((module, attr, state_dict[key], key))
+        saved = {(id(m), a): t for m, a, t, _ in plan}
         for module, attr, tensor, key in plan:
             fixed = {"inflora_A": (0, module.out_features), "inflora_B": (1, module.in_features),
                      "inflora_past_A": (0, module.out_features), "inflora_past_B": (1, module.in_features),
@@ -329,13 +499,49 @@ class InfLoRAModel(BaseTuner):
             ndim = 0 if attr == "inflora_memory_form" else 1 if attr == "inflora_task_ranks" else 2
             if tensor.dim() != ndim or (fixed is not None and tensor.shape[fixed[0]] != fixed[1]):
                 raise ValueError(
-                    f"'{key}' has shape {tuple(tensor.shape)} but the base model's layer is {module.out_features} x "
-                    f"{module.in_features}: this adapter was saved for a base model with other shapes. Load it onto "
-                    "the model it was trained on."
+                    f"{where}: '{key}' has shape {tuple(tensor.shape)} but the base model's layer is "
+                    f"{module.out_features} x {module.in_features}: this adapter was saved for a base model with "
+                    f"other shapes. Load it onto the base model it was trained on{base_hint}."
                 )
             if attr in ("inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory") and (
                     not torch.isfinite(tensor).all()):
-                raise ValueError(f"'{key}' holds NaN or inf values: the adapter file is corrupted.")
+                raise ValueError(f"{where}: '{key}' holds NaN or inf values: the adapter file is corrupted. Download "
+                                 "or copy the adapter again, or save it again from the model it came from.")
+        layer_names = {id(m): k.rsplit(".inflora_", 1)[0] for m, _, _, k in plan}
+        for module in {id(m): m for m, _, _, _ in plan}.values():
+            get = lambda attr: saved[(id(module), attr)]  # noqa: E731
+            consistent = (
+                get("inflora_A").shape[1] == get("inflora_B").shape[0]
+                and get("inflora_past_A").shape[1] == get("inflora_past_B").shape[0]
+                and int(get("inflora_task_ranks").sum()) == get("inflora_past_B").shape[0]
+                and bool((get("inflora_task_ranks") >= 0).all())
+                and int(get("inflora_memory_form")) in (0, 1)
+                and get("inflora_memory").shape[1] <= module.in_features
+            )
+            if not consistent:
+                raise ValueError(
+                    f"{where}: the continual state saved for layer '{layer_names[id(module)]}' is inconsistent "
+                    "(ranks of A, B, the past factors and task_ranks do not agree): the adapter file is corrupted. "
+                    "Download or copy the adapter again, or save it again from the model it came from."
+                )
+        return plan
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before loading: check every layer's saved state is present and fits the base model, then resize the
+        continual-state tensors (their shapes grow with the tasks learned) so the checkpoint loads into them. With
+        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before)."""
+        # set by InfLoRAConfig.from_pretrained: this adapter was injected by the load now running (PeftModel.
+        # from_pretrained / load_adapter of a new adapter), so a failure may take it out again
+        fresh = config.__dict__.pop("_undo_if_load_fails", False)
+        try:
+            state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            plan = cls._checked_load_plan(model, config, adapter_name, state_dict)
+        except Exception:
+            if fresh:
+                _undo_failed_load(model, adapter_name)  # nothing was loaded yet: leave the base model as it was given
+            raise
         saved = {(id(m), a): t for m, a, t, _ in plan}
         for module, attr, tensor, _ in plan:
             if attr == "inflora_past_A" and module.fold[adapter_name] == "base":

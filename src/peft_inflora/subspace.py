@@ -42,6 +42,7 @@ Both describe the same ``Q``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -58,6 +59,8 @@ __all__ = [
     "update_memory",
     "principal_angle_cosines",
     "captured_energy_ratio",
+    "SOLVERS",
+    "resolve_solver",
 ]
 
 MEMORY_FORMS = ("basis", "complement")
@@ -291,9 +294,55 @@ def _reorthonormalise(A: torch.Tensor) -> torch.Tensor:
 
 
 def _sigma_max(C: torch.Tensor) -> float:
+    """Largest singular value of a covariance: ``max |eigenvalue|`` of the symmetric C (eigvalsh: about 10x cheaper
+    than the SVD behind ``matrix_norm(C, 2)`` at d_in = 4096)."""
     if C.numel() == 0:
         return 0.0
-    return float(torch.linalg.matrix_norm(C, ord=2))
+    e = _safe_eigh(0.5 * (C + C.T), eigenvectors=False)
+    return float(e.abs().max())
+
+
+def _safe_eigh(A: torch.Tensor, eigenvectors: bool = True):
+    """``torch.linalg.eigh(A)`` (``eigvalsh`` when ``eigenvectors=False``) of a symmetric PSD ``A``: eigenvalues
+    ascending. If the solver fails (``torch.linalg.LinAlgError``, e.g. on an ill-conditioned covariance) it warns
+    (``RuntimeWarning``) and falls back to eigh of ``A + c I`` in float64 (c: a tiny jitter, subtracted from the
+    eigenvalues again; eigenvectors are unchanged by it), and if that fails too, to the SVD (for a symmetric PSD
+    ``A``, ``A = U diag(s) U^T`` is its eigendecomposition)."""
+    try:
+        return torch.linalg.eigh(A) if eigenvectors else torch.linalg.eigvalsh(A)
+    except torch.linalg.LinAlgError as exc:
+        error = exc
+    A64 = A.to(torch.float64)
+    n = A64.shape[-1]
+    jitter = 1e-10 * max(float(torch.diagonal(A64).abs().max()) if n else 0.0, 1e-300)
+    warnings.warn(f"torch.linalg.eigh failed on a {n}x{n} matrix ({error}); falling back to eigh in float64 with "
+                  f"{jitter:.1e} added to the diagonal.", RuntimeWarning, stacklevel=2)
+    try:
+        e, V = torch.linalg.eigh(A64 + jitter * torch.eye(n, dtype=A64.dtype, device=A64.device))
+        e = e - jitter
+    except torch.linalg.LinAlgError as exc:
+        warnings.warn(f"eigh with jitter failed too ({exc}); falling back to the SVD.", RuntimeWarning, stacklevel=2)
+        U, sv, _ = torch.linalg.svd(A64)
+        e, V = torch.flip(sv, dims=(0,)), torch.flip(U, dims=(1,))
+    return (e.to(A.dtype), V.to(A.dtype)) if eigenvectors else e.to(A.dtype)
+
+
+def _safe_left_singular(A: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Thin SVD of ``A`` [m, n]: left singular vectors U [m, min(m, n)] and singular values s (descending). If the
+    SVD fails (``torch.linalg.LinAlgError``) it warns and uses :func:`_safe_eigh` of ``A A^T`` in float64 instead
+    (``s = sqrt(eigenvalues)``; exact in exact arithmetic, accurate for singular values well above
+    ``sqrt(eps) * s_max``, which covers every direction the design and memory rules keep)."""
+    try:
+        U, s, _ = torch.linalg.svd(A, full_matrices=False)
+        return U, s
+    except torch.linalg.LinAlgError as exc:
+        warnings.warn(f"torch.linalg.svd failed on a {tuple(A.shape)} matrix ({exc}); falling back to the "
+                      "eigendecomposition of A A^T in float64.", RuntimeWarning, stacklevel=2)
+    A64 = A.to(torch.float64)
+    k = min(A64.shape)
+    e, V = _safe_eigh(A64 @ A64.T)
+    e, V = torch.flip(e, dims=(0,))[:k].clamp_min(0.0), torch.flip(V, dims=(1,))[:, :k]
+    return V.to(A.dtype), torch.sqrt(e).to(A.dtype)
 
 
 def _projected_left_singular(memory: Memory, C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -305,11 +354,10 @@ def _projected_left_singular(memory: Memory, C: torch.Tensor) -> Tuple[torch.Ten
     B = memory.basis.to(dtype=_F64, device=C.device)
     if memory.form == "basis":
         QC = C - B @ (B.T @ C)
-        U, s, _ = torch.linalg.svd(QC, full_matrices=False)
-        return U, s
+        return _safe_left_singular(QC)
     if B.shape[1] == 0:
         return B.new_zeros(memory.d_in, 0), B.new_zeros(0)
-    Uk, s, _ = torch.linalg.svd(B.T @ C, full_matrices=False)
+    Uk, s = _safe_left_singular(B.T @ C)
     return B @ Uk, s
 
 
@@ -320,13 +368,13 @@ def _projected_eigh(memory: Memory, C: torch.Tensor) -> Tuple[torch.Tensor, torc
         QC = C - B @ (B.T @ C)
         QCQ = QC - (QC @ B) @ B.T
         QCQ = 0.5 * (QCQ + QCQ.T)
-        e, V = torch.linalg.eigh(QCQ)
+        e, V = _safe_eigh(QCQ)
     else:
         if B.shape[1] == 0:
             return B.new_zeros(memory.d_in, 0), B.new_zeros(0)
         small = B.T @ C @ B
         small = 0.5 * (small + small.T)
-        e, Vk = torch.linalg.eigh(small)
+        e, Vk = _safe_eigh(small)
         V = B @ Vk
     e = torch.flip(e, dims=(0,)).clamp_min(0.0)
     V = torch.flip(V, dims=(1,))
@@ -372,6 +420,192 @@ def _sign_fix_rows(B: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Solvers of the top eigenproblems: exact (dense LAPACK) or randomized (block subspace iteration)
+# --------------------------------------------------------------------------------------------
+SOLVERS = ("auto", "exact", "randomized")
+
+AUTO_EXACT_MAX_DIM = 1024
+"""``solver="auto"`` uses the exact solver up to this many input features, the randomized one above: at
+d_in <= 1024 a dense decomposition takes well under a second (and is exact); at d_in = 4096 it takes tens of
+seconds per layer on a CPU core, the randomized solver about a second."""
+
+RANDOMIZED_OVERSAMPLING = 16
+"""Extra columns of the randomized block beyond the vectors kept (``k = kept + max(16, kept)``)."""
+
+RANDOMIZED_MAX_ITERATIONS = 60
+RANDOMIZED_TOLERANCE = 1e-6
+"""A Ritz pair (theta, v) is converged when ``||S v - theta v|| <= tol * theta`` (or theta is negligible)."""
+
+RANDOMIZED_MAX_FRACTION = 0.125
+"""The randomized memory update gives up (and runs the exact solver) once it would need more than this fraction
+of the free dimensions: past that point a full decomposition is about as cheap (measured in
+``benchmarks/bench_solver.py``)."""
+
+
+def _check_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(
+            f"unknown solver {solver!r}: use 'exact' (dense SVD / eigh, exact), 'randomized' (block subspace "
+            f"iteration for the leading directions only, for wide layers) or 'auto' (exact up to "
+            f"{AUTO_EXACT_MAX_DIM} input features, randomized above)"
+        )
+    return solver
+
+
+def resolve_solver(solver: str, d_in: int) -> str:
+    """The solver ``"auto"`` stands for at input width ``d_in``: ``"exact"`` up to ``AUTO_EXACT_MAX_DIM``,
+    ``"randomized"`` above. ``"exact"`` and ``"randomized"`` are returned unchanged."""
+    solver = _check_solver(solver)
+    if solver != "auto":
+        return solver
+    return "randomized" if int(d_in) > AUTO_EXACT_MAX_DIM else "exact"
+
+
+def _default_generator(generator: Optional[torch.Generator]) -> torch.Generator:
+    """The randomized solver's start blocks are drawn on CPU from ``generator`` (a fixed seed when None), so
+    every process of a distributed run computes the same design from the same (all-reduced) covariance."""
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if generator.device.type != "cpu":
+        raise ValueError(f"the randomized solver draws on CPU: pass a CPU torch.Generator, got one on "
+                         f"{generator.device}")
+    return generator
+
+
+def _free_projector(memory: Memory, found: Optional[torch.Tensor], device: torch.device):
+    """``X -> (Q - F F^T) X``: the memory's free-space projector, deflated by orthonormal columns F [d, n] that lie
+    in the free space (directions already found)."""
+    B = memory.basis.to(dtype=_F64, device=device)
+    complement = memory.form == "complement"
+
+    def project(X: torch.Tensor) -> torch.Tensor:
+        if B.shape[1] > 0 or complement:
+            X = B @ (B.T @ X) if complement else X - B @ (B.T @ X)
+        if found is not None and found.shape[1] > 0:
+            X = X - found @ (found.T @ X)
+        return X
+
+    return project
+
+
+def _subspace_iteration(op, X0: torch.Tensor, n_trusted: int, negligible: float,
+                        max_iterations: int = RANDOMIZED_MAX_ITERATIONS,
+                        tol: float = RANDOMIZED_TOLERANCE) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""Leading eigenpairs of a symmetric PSD operator ``S`` (``op(X) = S X``) by block subspace iteration.
+
+    Each step: ``W = S X`` [d, k]; Rayleigh-Ritz ``T = X^T W = Z diag(theta) Z^T`` (theta descending); Ritz vectors
+    ``V = X Z`` with residuals ``R = W Z - V diag(theta)`` (free: ``S V = W Z``); next block ``X = orth(W Z)``.
+    Stops once the first ``n_trusted`` pairs satisfy ``||r_i|| <= tol * theta_i`` or ``theta_i <= negligible``.
+    Returns ``(theta [k], V [d, k])`` of the last Rayleigh-Ritz step (theta clipped at 0).
+    """
+    X = _orthonormalise(X0)
+    theta = X.new_zeros(X.shape[1])
+    V = X
+    for iteration in range(max_iterations):
+        W = op(X)
+        T = X.T @ W
+        T = 0.5 * (T + T.T)
+        theta, Z = torch.linalg.eigh(T)
+        theta, Z = torch.flip(theta, dims=(0,)), torch.flip(Z, dims=(1,))
+        V, WZ = X @ Z, W @ Z
+        head = theta[:n_trusted]
+        residual = torch.linalg.vector_norm(WZ[:, :n_trusted] - V[:, :n_trusted] * head, dim=0)
+        done = (residual <= tol * head.clamp_min(0.0)) | (head <= negligible)
+        if iteration >= 1 and bool(done.all()):
+            break
+        X = _orthonormalise(WZ)
+    return theta.clamp_min(0.0), V
+
+
+def _covariance_operator(C: torch.Tensor, project, energy: str):
+    """``S_Q X`` for the free-space operator: ``Q C C Q`` (squared energy; its eigenvectors are the left singular
+    vectors of ``Q C``) or ``Q C Q`` (linear)."""
+    if energy == "squared":
+        return lambda X: project(C @ (C @ project(X)))
+    return lambda X: project(C @ project(X))
+
+
+def _random_block(d: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randn(d, k, dtype=_F64, generator=generator).to(device)
+
+
+def _largest_eigenvalue(C: torch.Tensor, generator: torch.Generator) -> float:
+    """``lambda_max`` of a symmetric PSD C (``= sigma_max(C)``), from a 4-column subspace iteration: a lower bound
+    within about 1e-3 relative, which is all the negligibility cut-off ``rtol * sigma_max`` needs."""
+    d = C.shape[0]
+    k = min(4, d)
+    theta, _ = _subspace_iteration(lambda X: C @ X, _random_block(d, k, generator, C.device), 1, 0.0,
+                                   max_iterations=100, tol=1e-3)
+    return float(theta[0])
+
+
+def _randomized_top(memory: Memory, C: torch.Tensor, energy: str, n_kept: int, negligible: float,
+                    generator: torch.Generator, found: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``n_kept`` leading eigenpairs ``(e [n], U [d, n])`` of the free-space operator (deflated by ``found``)."""
+    project = _free_projector(memory, found, C.device)
+    oversampling = max(RANDOMIZED_OVERSAMPLING, n_kept)
+    X0 = project(_random_block(memory.d_in, n_kept + oversampling, generator, C.device))
+    theta, V = _subspace_iteration(_covariance_operator(C, project, energy), X0, n_kept, negligible)
+    return theta[:n_kept], V[:, :n_kept]
+
+
+def _clean_directions(memory: Memory, U: torch.Tensor, found: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Project U [d, n] onto the free space (minus ``found``) again and re-orthonormalise it (columns kept close)."""
+    if U.shape[1] == 0:
+        return U
+    return _reorthonormalise(_free_projector(memory, found, U.device)(U))
+
+
+def _randomized_design(memory: Memory, C: torch.Tensor, r: int, rtol: float,
+                       generator: torch.Generator) -> Optional[torch.Tensor]:
+    """Top-r left singular vectors U [d, r_t] of ``Q C`` (randomized), or None when the free space is too small for
+    the block (the caller uses the exact solver, which is cheap there)."""
+    k = r + max(RANDOMIZED_OVERSAMPLING, r)
+    if 2 * k > memory.free_dimension:
+        return None
+    smax = _largest_eigenvalue(C, generator)
+    cut = (rtol * smax) ** 2  # on squared singular values
+    e, U = _randomized_top(memory, C, "squared", r, cut, generator)
+    usable = int((e > cut).sum()) if smax > 0 else 0
+    return _clean_directions(memory, U[:, : min(r, usable)])
+
+
+def _randomized_candidates(memory: Memory, C: torch.Tensor, energy: str, need: float, outside: float,
+                           negligible: float, generator: torch.Generator
+                           ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    r"""Leading candidate directions of the memory update, enough of them for the selection rule.
+
+    Blocks of eigenpairs of the free-space operator are found one after another, each block deflated by the ones
+    before, until (a) their energies add up to ``need`` (the energy the memory must gain), or (b) a negligible one
+    (``e <= negligible``) turns up, or (c) what is left outside (``outside - sum e``) is itself negligible: in (b)
+    and (c) every non-negligible direction has been found. Returns ``(U [d, n], e [n])``, e descending; or None
+    when more than ``RANDOMIZED_MAX_FRACTION`` of the free dimensions would be needed (the energies left and the
+    last energy found bound how many more are needed: each further one carries at most that much).
+    """
+    d, free = memory.d_in, memory.free_dimension
+    max_dirs = int(RANDOMIZED_MAX_FRACTION * free)
+    block = min(64, max_dirs)
+    if block < 1 or 2 * (block + max(RANDOMIZED_OVERSAMPLING, block)) > free:
+        return None
+    found = C.new_zeros(d, 0)
+    energies = C.new_zeros(0)
+    while True:
+        e, U = _randomized_top(memory, C, energy, block, negligible, generator, found=found)
+        U = _clean_directions(memory, U, found)
+        found = torch.cat([found, U], dim=1)
+        energies = torch.cat([energies, e])
+        total_found = float(energies.sum())
+        if total_found >= need or bool((e <= negligible).any()) or outside - total_found <= negligible:
+            return found, energies
+        last = float(energies[-1])
+        more = math.ceil((need - total_found) / last) if last > 0 else max_dirs + 1
+        if found.shape[1] + more > max_dirs:
+            return None
+        block = min(max(64, math.ceil(1.25 * more)), max_dirs - found.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
 def energy_threshold(lamb: float, task_index: int, total_tasks: Optional[int] = None) -> float:
@@ -408,6 +642,8 @@ def design_eigen(
     r: int,
     scale: float = 1.0 / math.sqrt(3.0),
     rtol: float = 1e-6,
+    solver: str = "auto",
+    generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     r"""Eigen design of ``B_t`` [r_t, d_in] (float64): rows = top-r left singular vectors of ``Q C``, times scale.
 
@@ -420,6 +656,12 @@ def design_eigen(
     (result of shape (0, d_in)): the free space holds nothing of this task, the caller decides whether
     to warn or raise. Each row is sign-fixed so its largest-|.| entry is positive (deterministic output).
     Rows are orthonormal (before scaling) and orthogonal to the memory: ``B_t M = 0``.
+
+    ``solver``: "exact" (dense SVD of ``Q C``), "randomized" (block subspace iteration on ``Q C^2 Q`` with
+    ``r + max(16, r)`` columns and Rayleigh-Ritz, converged to relative residual 1e-6; O(d_in^2 r) per step
+    instead of O(d_in^3); start block from ``generator``, seed 0 when None, so it is deterministic) or "auto"
+    (exact up to ``AUTO_EXACT_MAX_DIM`` input features). The randomized solver falls back to the exact one
+    when the free space is smaller than twice its block.
     """
     memory = _check_memory(memory)
     r = _check_r(r)
@@ -427,6 +669,10 @@ def design_eigen(
     rtol = _check_rtol(rtol)
     C = _check_covariance(covariance, memory)
 
+    if resolve_solver(solver, memory.d_in) == "randomized":
+        U = _randomized_design(memory.to(dtype=_F64, device=C.device), C, r, rtol, _default_generator(generator))
+        if U is not None:
+            return _sign_fix_rows(U.T.contiguous()) * scale
     smax = _sigma_max(C)
     U, s = _projected_left_singular(memory, C)
     usable = int((s > rtol * smax).sum()) if smax > 0 else 0
@@ -476,6 +722,8 @@ def update_memory(
     kind: str = "dualgpm",
     energy: str = "squared",
     rtol: float = 1e-6,
+    solver: str = "auto",
+    generator: Optional[torch.Generator] = None,
 ) -> Memory:
     r"""GPM / DualGPM memory update after a task; returns a new float64 Memory (the input is not modified).
 
@@ -502,8 +750,15 @@ def update_memory(
     close to the originals), so a memory stored in float32 does not drift over many updates.
     The result lives on the covariance's device.
 
+    ``solver``: "exact" (dense SVD / eigh of the projected covariance), "randomized" or "auto" (exact up to
+    ``AUTO_EXACT_MAX_DIM`` input features). The randomized solver finds the leading directions only, in
+    blocks of at least 64 (block subspace iteration with Rayleigh-Ritz, each block deflated by the ones before)
+    until the rule above is decided; energies, totals and the selection are as above. When the threshold needs
+    more than ``RANDOMIZED_MAX_FRACTION`` of the free dimensions (a flat spectrum), which the energy still
+    missing divided by the last energy found predicts early, it runs the exact solver instead.
+
     Raises ValueError for a non-square covariance or one that does not match ``memory.d_in``, NaN/inf
-    statistics, zero covariance, threshold outside (0, 1], unknown kind or energy.
+    statistics, zero covariance, threshold outside (0, 1], unknown kind, energy or solver.
     """
     memory = _check_memory(memory)
     threshold = _check_threshold(threshold)
@@ -514,6 +769,7 @@ def update_memory(
         )
     energy = _check_energy(energy)
     rtol = _check_rtol(rtol)
+    solver = resolve_solver(solver, memory.d_in)
     C = _check_covariance(covariance, memory)
     mem = memory.to(dtype=_F64, device=C.device)
     # a basis stored in low precision is orthonormal only up to its round-off: clean it in float64 first
@@ -527,7 +783,19 @@ def update_memory(
     if mem.dimension > 0 and captured / total >= threshold:
         return _store(mem, mem.basis.new_zeros(mem.d_in, 0), kind)
 
-    if energy == "squared":
+    candidates = None
+    if solver == "randomized":
+        generator = _default_generator(generator)
+        Csym = 0.5 * (C + C.T)
+        lam_max = _largest_eigenvalue(Csym, generator)
+        smax = lam_max if energy == "squared" else math.sqrt(max(lam_max, 0.0))
+        negligible = (rtol * smax) ** 2  # on energies: squared singular values (squared) or eigenvalues (linear)
+        need = math.inf if threshold >= 1.0 else threshold * total - captured
+        candidates = _randomized_candidates(mem, Csym, energy, need, outside, negligible, generator)
+    if candidates is not None:
+        U, e = candidates
+        data_sv = torch.sqrt(e)
+    elif energy == "squared":
         U, s = _projected_left_singular(mem, C)
         e = s * s
         data_sv = s
@@ -536,7 +804,7 @@ def update_memory(
         Csym = 0.5 * (C + C.T)
         U, e = _projected_eigh(mem, Csym)
         data_sv = torch.sqrt(e)
-        lam_max = float(torch.linalg.eigvalsh(Csym)[-1])
+        lam_max = float(_safe_eigh(Csym, eigenvectors=False)[-1])
         smax = math.sqrt(lam_max) if lam_max > 0 else 0.0
     n_nonneg = int((data_sv > rtol * smax).sum()) if smax > 0 else 0
     n_nonneg = min(n_nonneg, mem.free_dimension)

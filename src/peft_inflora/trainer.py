@@ -37,11 +37,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
-from .metrics import ContinualResult
+from .metrics import RESULT_FILE, ContinualResult
 
 TASK_TYPES = ("class_incremental", "task_incremental", "generation")
+LOSS_CLASSES = ("task", "seen")
 CONTINUAL_DIR = "continual"
-RESULT_FILE = "continual_result.json"
+# What push_to_hub uploads from output_dir (the per-task checkpoints under continual/ stay local).
+HUB_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", RESULT_FILE, "*.png")
 
 
 @dataclass
@@ -172,15 +174,19 @@ class ContinualTrainer(Trainer):
         All other arguments are ``transformers.Trainer``'s.
     """
 
-    def __init__(self, *args: Any, task_type: str = "class_incremental", generation_max_new_tokens: int = 32,
+    def __init__(self, *args: Any, task_type: str = "class_incremental", loss_classes: str = "task",
+                 generation_max_new_tokens: int = 32,
                  answer_metric: Optional[Callable[[list[str], list[str]], float]] = None, **kwargs: Any) -> None:
         if task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}.")
+        if loss_classes not in LOSS_CLASSES:
+            raise ValueError(f"loss_classes must be one of {LOSS_CLASSES}, got {loss_classes!r}.")
         super().__init__(*args, **kwargs)
         if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
             raise TypeError("ContinualTrainer needs a PeftModel: wrap the model with "
                             "`get_peft_model(model, InfLoRAConfig(...))` first.")
         self.task_type = task_type
+        self.loss_classes = loss_classes
         self.generation_max_new_tokens = generation_max_new_tokens
         self.answer_metric = answer_metric
         self.continual_result: Optional[ContinualResult] = None
@@ -240,12 +246,16 @@ class ContinualTrainer(Trainer):
     # ------------------------------------------------------------------ Trainer hooks
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``), so other
-        classes' head rows get exactly zero gradient. Generation: the model's own loss."""
+        """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``, the paper's
+        loss, ``loss_classes="task"``), so other classes' head rows get exactly zero gradient; or over all classes
+        seen so far (``logits[:, :hi]``, ``loss_classes="seen"``), where the frozen old rows still compete, which
+        calibrates new classes against old ones when tasks differ in difficulty. Generation: the model's own loss."""
         if self.task_type == "generation" or self._task_classes is None or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         lo, hi = self._task_classes
+        if self.loss_classes == "seen":
+            lo = 0
         labels = inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -270,12 +280,19 @@ class ContinualTrainer(Trainer):
         return optimizer
 
     # ------------------------------------------------------------------ the sequence
-    def train_continual(self, tasks: Sequence[ContinualTask], resume_from_checkpoint: bool = False) -> ContinualResult:
+    def train_continual(self, tasks: Sequence[ContinualTask], resume_from_checkpoint: bool = False,
+                        previous_result: Optional[ContinualResult | str | os.PathLike] = None) -> ContinualResult:
         """Learn ``tasks`` in order and return the :class:`ContinualResult` (accuracy matrix, A_T, A_avg, BWT,
         forgetting, times), also written to ``output_dir`` with plots.
 
         After every task the adapter (with its memory), the result so far and the task index are saved under
         ``output_dir/continual/``; ``resume_from_checkpoint=True`` continues after the last finished task.
+
+        Continuing someone else's sequence: when the InfLoRA adapter has already learned ``k`` tasks (loaded with
+        ``PeftModel.from_pretrained``), ``tasks`` is the whole sequence, the ``k`` learned tasks first (their
+        classes keep their head rows and they are evaluated after every new task), and ``previous_result`` is the
+        result saved with the adapter (a :class:`ContinualResult`, or a folder / Hub repo id holding
+        ``continual_result.json``, see :meth:`ContinualResult.from_pretrained`). Training starts at task ``k``.
         """
         tasks = list(tasks)
         if not tasks:
@@ -289,12 +306,19 @@ class ContinualTrainer(Trainer):
             if task.eval_dataset is None:
                 raise ValueError(f"Task '{task.name}' has no eval_dataset: every task needs test data for the "
                                  "accuracy matrix.")
+        learned = self.peft_model.tasks_done() if self.is_inflora else 0
+        previous = self._previous_result(previous_result, names, learned)
         prepared = self._prepare_tasks(tasks)
-        start = 0
         self.continual_result = ContinualResult(task_names=names, accuracy_matrix=[],
                                                 extra={"task_type": self.task_type})
+        start = 0
+        if previous is not None:
+            self.continual_result.accuracy_matrix = [list(row) for row in previous.accuracy_matrix]
+            self.continual_result.train_seconds = list(previous.train_seconds)
+            self.continual_result.statistics_seconds = list(previous.statistics_seconds)
+            start = learned
         if resume_from_checkpoint:
-            start = self._resume(names)
+            start = max(start, self._resume(names))
         out_dir = Path(self.args.output_dir)
         peft_model = self.peft_model
         base_output_dir = self.args.output_dir
@@ -333,6 +357,31 @@ class ContinualTrainer(Trainer):
             self._task_classes, self._frozen_head = None, None
         self._write_result()
         return self.continual_result
+
+    def _previous_result(self, previous: Optional[ContinualResult | str | os.PathLike], names: list[str],
+                         learned: int) -> Optional[ContinualResult]:
+        """Check a continuation before anything changes: the adapter's ``learned`` tasks must be the first tasks
+        of ``names`` and match ``previous``'s."""
+        if learned == 0:
+            if previous is not None:
+                raise ValueError("previous_result was given, but the adapter has not learned any task yet: load the "
+                                 "adapter that goes with it (PeftModel.from_pretrained), or drop previous_result.")
+            return None
+        if previous is None:
+            raise ValueError(
+                f"The adapter has already learned {learned} task(s). To continue its sequence pass the whole "
+                f"sequence (the {learned} learned tasks first, then the new ones) and "
+                "previous_result=ContinualResult.from_pretrained(<the adapter's folder or Hub repo id>); to start a "
+                "new sequence, start from a fresh adapter (get_peft_model).")
+        if not isinstance(previous, ContinualResult):
+            previous = ContinualResult.from_pretrained(previous)
+        if previous.num_learned != learned:
+            raise ValueError(f"previous_result holds {previous.num_learned} learned task(s) but the adapter has "
+                             f"learned {learned}: pass the result saved together with this adapter.")
+        if list(previous.task_names[:learned]) != names[:learned] or len(names) <= learned:
+            raise ValueError(f"The adapter learned {list(previous.task_names[:learned])}; `tasks` must start with "
+                             f"those tasks, in that order, and add at least one new task (got {names}).")
+        return previous
 
     def _prepare_tasks(self, tasks: list[ContinualTask]) -> list[tuple[Any, Any]]:
         if self.task_type == "generation":
@@ -500,6 +549,20 @@ class ContinualTrainer(Trainer):
         return HfApi(token=token).upload_folder(
             repo_id=self.hub_model_id, folder_path=self.args.output_dir, commit_message=commit_message,
             revision=revision if revision is not None else self.args.hub_revision,
-            allow_patterns=["adapter_config.json", "adapter_model.safetensors", "README.md", RESULT_FILE, "*.png"],
-            run_as_future=not blocking,
+            allow_patterns=list(HUB_FILES), run_as_future=not blocking,
         )
+
+    def save_for_hub(self, folder: str | os.PathLike, model_name: Optional[str] = None) -> Path:
+        """Write exactly what :meth:`push_to_hub` uploads (adapter with memory, result, plots, model card) into a
+        local ``folder``, which then works as a repository for ``PeftModel.from_pretrained(base, folder)`` and
+        ``ContinualResult.from_pretrained(folder)``: the offline stand-in for the Hub."""
+        folder = Path(folder)
+        self.save_model(str(folder))
+        if self.is_world_process_zero():
+            self._write_result()
+            self.create_model_card(model_name=model_name or folder.name)
+            for pattern in HUB_FILES[2:]:
+                for file in Path(self.args.output_dir).glob(pattern):
+                    if file.is_file() and file.parent.resolve() != folder.resolve():
+                        shutil.copy2(file, folder / file.name)
+        return folder

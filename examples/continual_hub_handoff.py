@@ -1,0 +1,151 @@
+"""Share a continual-learning adapter on the Hub and continue its sequence somewhere else.
+
+Two people, one sequence:
+
+1. The *uploader* learns the first tasks (default: ``news_a,news_b``, BBC News topics) with InfLoRA on the packaged
+   all-MiniLM-L6-v2 and pushes the adapter - its task branches, its memory of the input subspaces used so far, the
+   grown classification head - with the accuracy matrix and a model card (``ContinualTrainer.push_to_hub``).
+2. The *continuer* starts from a fresh copy of the base model, loads the adapter with
+   ``PeftModel.from_pretrained(base, repo_id, is_trainable=True)`` and the result with
+   ``ContinualResult.from_pretrained(repo_id)``, checks that the download reproduces the uploader's outputs bit for
+   bit, and learns the next tasks (default: ``sentiment,party``) without disturbing the first ones: the accuracy
+   matrix of the whole sequence continues the uploader's.
+
+With ``--hub_model_id you/inflora-news`` (after ``huggingface-cli login``) the adapter really goes to the Hub. Without
+it - the offline default - the uploader writes exactly the files ``push_to_hub`` would upload into a local folder
+(``<output_dir>/hub_repo``, via ``ContinualTrainer.save_for_hub``) and the continuer loads from there: the
+``from_pretrained`` calls are the same for a folder and a repo id.
+
+    python examples/continual_hub_handoff.py                                   # offline, local folder as the Hub
+    python examples/continual_hub_handoff.py --hub_model_id you/inflora-news   # with a network and a token
+    python examples/continual_hub_handoff.py --fast                            # a smoke run
+
+Any ``TrainingArguments`` field works too (``--learning_rate``, ``--num_train_epochs`` ...).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import torch
+from peft import PeftModel, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    TrainingArguments,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from continual_text_classification import DemoArguments, build_tasks, packaged_minilm, tokenized  # noqa: E402
+
+import peft_inflora  # noqa: E402,F401  (registers InfLoRA with PEFT: needed before PeftModel.from_pretrained)
+from peft_inflora import ContinualResult, ContinualTrainer, InfLoRAConfig  # noqa: E402
+
+
+@dataclass
+class HandoffArguments:
+    model: Optional[str] = field(default=None, metadata={
+        "help": "Hub model id or local path of the base model (default: the packaged all-MiniLM-L6-v2, offline)."})
+    first_tasks: str = field(default="news_a,news_b", metadata={"help": "Tasks the uploader learns."})
+    next_tasks: str = field(default="sentiment,party", metadata={"help": "Tasks the continuer adds."})
+    hub_model_id: Optional[str] = field(default=None, metadata={
+        "help": "Push to this Hub repo and load from it (needs a network and a token). Default: a local folder."})
+    r: int = field(default=8, metadata={"help": "Rank of each task's InfLoRA branch."})
+    max_train_per_class: int = field(default=96, metadata={"help": "Training examples per class (cap)."})
+    max_test_per_class: int = field(default=48, metadata={"help": "Test examples per class (cap)."})
+    max_length: int = field(default=96, metadata={"help": "Tokens per example (truncation)."})
+    fast: bool = field(default=False, metadata={"help": "A smoke run: tiny data, one epoch."})
+
+
+def load_tasks(args: HandoffArguments, tokenizer, names: str) -> list:
+    spec = DemoArguments(tasks=names, max_train_per_class=args.max_train_per_class,
+                         max_test_per_class=args.max_test_per_class, max_length=args.max_length)
+    return tokenized(build_tasks(spec), tokenizer, args.max_length)
+
+
+def fresh_base(model_path: str, num_labels: int):
+    return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
+
+
+def upload(args: HandoffArguments, training: TrainingArguments, model_path: str, tokenizer, tasks: list):
+    """The uploader: learn ``tasks``, push (or save the same files locally); returns (repo id or folder, model)."""
+    num_labels = sum(len(t.label_names) for t in tasks)
+    model = get_peft_model(fresh_base(model_path, num_labels),
+                           InfLoRAConfig(r=args.r, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    out = Path(training.output_dir) / "uploader"
+    trainer = ContinualTrainer(
+        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(out),
+                                               "hub_model_id": args.hub_model_id}),
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+    result = trainer.train_continual(tasks)
+    print(f"\nUploader learned {[t.name for t in tasks]}:\n{result.summary_table()}")
+    if args.hub_model_id:
+        trainer.push_to_hub(commit_message=f"InfLoRA after {len(tasks)} tasks")
+        repo = args.hub_model_id
+        print(f"pushed to https://huggingface.co/{repo}")
+    else:
+        repo = str(trainer.save_for_hub(Path(training.output_dir) / "hub_repo"))
+        print(f"no --hub_model_id: wrote the files push_to_hub uploads to {repo}")
+    return repo, model
+
+
+def continue_sequence(args: HandoffArguments, training: TrainingArguments, model_path: str, tokenizer, repo: str,
+                      first: list, new: list):
+    """The continuer: a fresh base model, the downloaded adapter and result, then the next tasks."""
+    previous = ContinualResult.from_pretrained(repo)
+    num_labels = sum(len(t.label_names) for t in first)
+    model = PeftModel.from_pretrained(fresh_base(model_path, num_labels), repo, is_trainable=True)
+    print(f"\nContinuer downloaded an adapter that learned {model.tasks_done()} tasks "
+          f"({', '.join(previous.task_names[: previous.num_learned])})")
+    trainer = ContinualTrainer(
+        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(Path(training.output_dir)
+                                                                                        / "continuer")}),
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+    result = trainer.train_continual(first + new, previous_result=previous)
+    print(f"\nThe whole sequence, continued after the download:\n{result.summary_table()}")
+    return model, result
+
+
+@torch.no_grad()
+def max_output_difference(a, b, tokenizer, text: str) -> float:
+    batch = tokenizer([text], return_tensors="pt")
+    a.eval(), b.eval()
+    return float((a(**batch).logits - b(**batch).logits).abs().max())
+
+
+def main(argv: Optional[list[str]] = None) -> ContinualResult:
+    parser = HfArgumentParser((HandoffArguments, TrainingArguments))
+    defaults = ["--output_dir", "runs/hub_handoff", "--learning_rate", "2e-3", "--num_train_epochs", "3",
+                "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--report_to", "none",
+                "--save_strategy", "no", "--logging_strategy", "no", "--seed", "0", "--weight_decay", "0.0",
+                "--disable_tqdm", "true"]
+    args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
+    if args.fast:
+        args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
+        training.num_train_epochs = 1
+    if training.disable_tqdm:
+        datasets.disable_progress_bars()
+    model_path = args.model or packaged_minilm()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    first, new = load_tasks(args, tokenizer, args.first_tasks), load_tasks(args, tokenizer, args.next_tasks)
+
+    repo, uploaded = upload(args, training, model_path, tokenizer, first)
+    downloaded_check = PeftModel.from_pretrained(fresh_base(model_path, uploaded.config.num_labels), repo)
+    diff = max_output_difference(uploaded, downloaded_check, tokenizer, "Shares rallied after the results.")
+    print(f"downloaded adapter vs the uploader's model: max |logit difference| = {diff:.3g}")
+    if diff != 0.0:
+        raise SystemExit("the downloaded adapter does not reproduce the uploader's outputs")
+    _, result = continue_sequence(args, training, model_path, tokenizer, repo, first, new)
+    print(f"\nA_T = {100 * result.final_accuracy:.2f} %, A_avg = {100 * result.average_incremental_accuracy:.2f} %, "
+          f"BWT = {100 * result.backward_transfer:.2f} pp, forgetting = {100 * result.forgetting:.2f} pp")
+    return result
+
+
+if __name__ == "__main__":
+    main()
