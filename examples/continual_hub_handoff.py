@@ -8,7 +8,7 @@ Two people, one sequence:
 2. The *continuer* starts from a fresh copy of the base model, loads the adapter with
    ``PeftModel.from_pretrained(base, repo_id, is_trainable=True)`` and the result with
    ``ContinualResult.from_pretrained(repo_id)``, checks that the download reproduces the uploader's outputs bit for
-   bit, and learns the next tasks (default: ``sentiment,party``) without disturbing the first ones: the accuracy
+   bit, and learns the next tasks (default: ``subjectivity,party``) without disturbing the first ones: the accuracy
    matrix of the whole sequence continues the uploader's.
 
 With ``--hub_model_id you/inflora-news`` (after ``huggingface-cli login``) the adapter really goes to the Hub. Without
@@ -53,9 +53,7 @@ class HandoffArguments:
     model: Optional[str] = field(default=None, metadata={
         "help": "Hub model id or local path of the base model (default: the packaged all-MiniLM-L6-v2, offline)."})
     first_tasks: str = field(default="news_a,news_b", metadata={"help": "Tasks the uploader learns."})
-    next_tasks: str = field(default="sentiment,party", metadata={"help": "Tasks the continuer adds."})
-    hub_model_id: Optional[str] = field(default=None, metadata={
-        "help": "Push to this Hub repo and load from it (needs a network and a token). Default: a local folder."})
+    next_tasks: str = field(default="subjectivity,party", metadata={"help": "Tasks the continuer adds."})
     r: int = field(default=8, metadata={"help": "Rank of each task's InfLoRA branch."})
     max_train_per_class: int = field(default=96, metadata={"help": "Training examples per class (cap)."})
     max_test_per_class: int = field(default=48, metadata={"help": "Test examples per class (cap)."})
@@ -80,14 +78,13 @@ def upload(args: HandoffArguments, training: TrainingArguments, model_path: str,
                            InfLoRAConfig(r=args.r, target_modules=["query", "value"], modules_to_save=["classifier"]))
     out = Path(training.output_dir) / "uploader"
     trainer = ContinualTrainer(
-        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(out),
-                                               "hub_model_id": args.hub_model_id}),
+        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(out)}),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train_continual(tasks)
     print(f"\nUploader learned {[t.name for t in tasks]}:\n{result.summary_table()}")
-    if args.hub_model_id:
+    if training.hub_model_id:  # TrainingArguments' own --hub_model_id (and --hub_token, --hub_private_repo)
         trainer.push_to_hub(commit_message=f"InfLoRA after {len(tasks)} tasks")
-        repo = args.hub_model_id
+        repo = training.hub_model_id
         print(f"pushed to https://huggingface.co/{repo}")
     else:
         repo = str(trainer.save_for_hub(Path(training.output_dir) / "hub_repo"))
@@ -103,9 +100,9 @@ def continue_sequence(args: HandoffArguments, training: TrainingArguments, model
     model = PeftModel.from_pretrained(fresh_base(model_path, num_labels), repo, is_trainable=True)
     print(f"\nContinuer downloaded an adapter that learned {model.tasks_done()} tasks "
           f"({', '.join(previous.task_names[: previous.num_learned])})")
+    out = Path(training.output_dir) / "continuer"
     trainer = ContinualTrainer(
-        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(Path(training.output_dir)
-                                                                                        / "continuer")}),
+        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(out)}),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train_continual(first + new, previous_result=previous)
     print(f"\nThe whole sequence, continued after the download:\n{result.summary_table()}")
@@ -124,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> ContinualResult:
     defaults = ["--output_dir", "runs/hub_handoff", "--learning_rate", "2e-3", "--num_train_epochs", "3",
                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--report_to", "none",
                 "--save_strategy", "no", "--logging_strategy", "no", "--seed", "0", "--weight_decay", "0.0",
-                "--disable_tqdm", "true"]
+                "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
     args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
     if args.fast:
         args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32

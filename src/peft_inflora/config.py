@@ -47,6 +47,7 @@ MEMORIES = ("dualgpm", "gpm")
 ENERGIES = ("squared", "linear")
 FOLDS = ("adapter", "base")
 STATISTICS_DTYPES = ("float32", "float64")
+SOLVERS = ("auto", "exact", "randomized")
 
 
 @dataclass
@@ -108,11 +109,25 @@ class InfLoRAConfig(PeftConfig):
         statistics_max_batches (`Optional[int]`):
             Upper bound on the number of batches read by a statistics pass (`begin_task` / `end_task`). Unset: the
             whole iterable. The authors' language-model code uses about 1000.
+        statistics_max_tokens (`Optional[Union[int, str]]`, *optional*, defaults to `"auto"`):
+            Token budget of a statistics pass: it stops after the batch that gives every input group at least this
+            many non-padding tokens (counted per process). `"auto"`: 16 tokens per input feature (6144 for a width
+            of 384, 65536 for 4096), which keeps both passes of a task under a quarter of a training epoch on tasks
+            of a few hundred texts; the sample then changes the design a little (a budget cannot reproduce the
+            full-data design exactly: see benchmarks/RESULTS.md). `None`: read every batch (the paper).
+            Lists of batches are then read in a seeded random order; other iterables (e.g. a shuffled DataLoader)
+            in their own order.
         statistics_dtype (`str`, *optional*, defaults to `"float64"`):
             Precision of the covariance accumulators, whatever the model's dtype: `"float64"` or `"float32"`.
         share_input_statistics (`bool`, *optional*, defaults to `True`):
             Compute one covariance (and design) for targeted layers that read the same input tensor, e.g. the key and
             value projections of one attention block. Saves memory and time; results are the same.
+        solver (`str`, *optional*, defaults to `"auto"`):
+            How the leading directions of the design and of the memory update are computed. `"exact"`: dense SVD /
+            eigh of the projected covariance, O(d_in^3). `"randomized"`: block subspace iteration for the leading
+            directions only, O(d_in^2 r) per iteration (seeded, so every process gets the same result); the memory
+            update falls back to a dense eigh when it needs more than 1/8 of the free directions. `"auto"`:
+            exact up to 1024 input features, randomized above (at 4096 it is tens of times faster than eigh).
         random_seed (`int`, *optional*, defaults to `0`):
             Seed of the random design (`design="random"`); combined with the task index and layer so each is
             reproducible.
@@ -244,6 +259,15 @@ class InfLoRAConfig(PeftConfig):
             )
         },
     )
+    statistics_max_tokens: Optional[Union[int, str]] = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Token budget per statistics pass: stop once every input group has seen this many non-padding "
+                "tokens. 'auto': 16 tokens per input feature; None: read every batch (the paper)."
+            )
+        },
+    )
     statistics_dtype: str = field(
         default="float64",
         metadata={"help": "Precision of the covariance accumulators, any model dtype: 'float64' or 'float32'."},
@@ -254,6 +278,15 @@ class InfLoRAConfig(PeftConfig):
             "help": (
                 "Compute one covariance and design for targeted layers that read the same input tensor (e.g. k_proj "
                 "and v_proj of one block)."
+            )
+        },
+    )
+    solver: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Solver of the design and memory update: 'exact' (dense SVD / eigh), 'randomized' (block subspace "
+                "iteration, leading directions only) or 'auto' (exact up to 1024 input features)."
             )
         },
     )
@@ -362,10 +395,16 @@ class InfLoRAConfig(PeftConfig):
             self.statistics_max_batches = _positive_int(
                 "statistics_max_batches", self.statistics_max_batches, "use None to read all batches, or e.g. 1000"
             )
+        if self.statistics_max_tokens is not None and self.statistics_max_tokens != "auto":
+            self.statistics_max_tokens = _positive_int(
+                "statistics_max_tokens", self.statistics_max_tokens, "use 'auto', None to read all batches, or e.g. "
+                "65536"
+            )
         self.statistics_dtype = _choice(
             "statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES, "'float64' unless memory is tight"
         )
         self.share_input_statistics = _boolean("share_input_statistics", self.share_input_statistics)
+        self.solver = _choice("solver", self.solver, SOLVERS, "'auto' (exact up to 1024 input features)")
         self.random_seed = _non_negative_int("random_seed", self.random_seed, "use e.g. 0")
         if self.random_seed >= 2**63:
             raise ValueError(f"random_seed must be < 2**63, got {self.random_seed!r}: use e.g. 0.")

@@ -266,7 +266,8 @@ class InfLoRAModel(BaseTuner):
         dtype = torch.float64 if config.statistics_dtype == "float64" else torch.float32
         return collect_statistics(self.model, layers, batches, dtype=dtype,
                                   share_inputs=config.share_input_statistics,
-                                  max_batches=config.statistics_max_batches, desc=desc, progress=progress)
+                                  max_batches=config.statistics_max_batches,
+                                  max_tokens=config.statistics_max_tokens, desc=desc, progress=progress)
 
     # ------------------------------------------------------------------ lifecycle
     def begin_task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
@@ -306,7 +307,8 @@ class InfLoRAModel(BaseTuner):
             r_max = max(layers[n].r[name] for n in group.names)
             memory = leader.get_memory(name)
             if config.design == "eigen":
-                design = design_eigen(group.accumulator.covariance(), memory, r_max, scale=config.design_scale)
+                design = design_eigen(group.accumulator.covariance(), memory, r_max, scale=config.design_scale,
+                                      solver=config.solver)
             else:
                 generator = torch.Generator().manual_seed(config.random_seed + 1_000_003 * done + index)
                 design = design_random(memory, r_max, scale=config.design_scale, generator=generator)
@@ -374,7 +376,7 @@ class InfLoRAModel(BaseTuner):
         for group in groups:
             memory = layers[group.leader].get_memory(name)
             new_memory = update_memory(memory, group.accumulator.covariance(), threshold, kind=config.memory,
-                                       energy=config.energy)
+                                       energy=config.energy, solver=config.solver)
             for n in group.names:
                 memories[n] = new_memory
         for n, layer in layers.items():

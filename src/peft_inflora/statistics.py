@@ -8,6 +8,11 @@ Layers that read the same input tensor (query/key/value of one block) form one *
 computed once and they share one design and one memory. Padding tokens are left out with the batch's attention mask
 (the decoder mask for decoder inputs of encoder-decoder models); inputs with no matching mask (e.g. ViT patches) use
 every token. Under ``torch.distributed`` the sums and counts are all-reduced so every process sees the same ``C``.
+
+Token budget: a pass may stop early, once every input group has seen ``max_tokens`` (non-padding) tokens; ``"auto"``
+means ``AUTO_TOKENS_PER_FEATURE * d_in`` tokens for a group with ``d_in`` input features. The batches read are then a
+sample of the task: in a random (seeded) order when ``batches`` is a list or tuple, in the iterable's own order
+otherwise (a shuffled DataLoader, as the ContinualTrainer passes, is already a random sample).
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+AUTO_TOKENS_PER_FEATURE = 16
+"""``max_tokens="auto"``: a pass reads batches until every input group has seen 16 tokens per input feature (6144
+tokens at d_in = 384, 65536 at d_in = 4096)."""
 KEY_VALUE_NAMES = ("k", "v", "key", "value", "k_proj", "v_proj", "to_k", "to_v")
 
 
@@ -38,6 +46,7 @@ class CovarianceAccumulator:
     device: Optional[torch.device] = None
     sum: torch.Tensor = field(init=False)
     count: torch.Tensor = field(init=False)
+    local_count: int = field(init=False, default=0)  # tokens added by this process (no device sync to read)
 
     def __post_init__(self) -> None:
         self.sum = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
@@ -50,6 +59,7 @@ class CovarianceAccumulator:
         x = tokens.detach().to(device=self.sum.device, dtype=self.dtype)
         self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
+        self.local_count += int(x.shape[0])
 
     def all_reduce(self) -> None:
         """Sum ``S`` and ``N`` over all processes of the default group (no-op without torch.distributed)."""
@@ -180,13 +190,48 @@ def _to_device(batch: Mapping, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def token_budget(max_tokens: Union[int, str, None], d_in: int) -> Optional[int]:
+    """Tokens an input group of width ``d_in`` needs before a pass may stop: ``max_tokens`` itself, or
+    ``AUTO_TOKENS_PER_FEATURE * d_in`` for ``"auto"``; None: no budget (read every batch)."""
+    if max_tokens is None:
+        return None
+    if max_tokens == "auto":
+        return AUTO_TOKENS_PER_FEATURE * int(d_in)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise StatisticsError(f"max_tokens must be an int >= 1, 'auto' or None, got {max_tokens!r}.")
+    return max_tokens
+
+
+def _budget_reached(groups: Mapping[str, InputGroup], max_tokens: Union[int, str, None]) -> bool:
+    if max_tokens is None or not groups:
+        return False
+    return all(group.accumulator.local_count >= token_budget(max_tokens, group.accumulator.dim)
+               for group in groups.values())
+
+
+def _sampling_order(batches: Iterable, max_tokens: Union[int, str, None], seed: int = 0) -> Iterable:
+    """A list or tuple read under a token budget: in a seeded random order, so that a budget that stops the pass
+    early reads a random sample rather than the first batches (which may all hold one class)."""
+    if max_tokens is None or not isinstance(batches, (list, tuple)) or len(batches) < 2:
+        return batches
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [batches[i] for i in order]
+
+
 @torch.no_grad()
 def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Mapping], *,
                        dtype: torch.dtype = torch.float64, share_inputs: bool = True,
-                       max_batches: Optional[int] = None, desc: str = "InfLoRA statistics",
-                       progress: bool = True) -> list[InputGroup]:
+                       max_batches: Optional[int] = None, max_tokens: Union[int, str, None] = None,
+                       desc: str = "InfLoRA statistics", progress: bool = True) -> list[InputGroup]:
     """Run ``model`` in eval mode under no_grad over ``batches`` and return the input groups with their summed
-    statistics (all-reduced across processes). The model's train/eval mode is restored; nothing else changes."""
+    statistics (all-reduced across processes). The model's train/eval mode is restored; nothing else changes.
+
+    ``max_batches``: read at most that many batches. ``max_tokens`` (int, ``"auto"`` or None): stop after the batch
+    that gives every input group at least that many non-padding tokens (``"auto"``: ``AUTO_TOKENS_PER_FEATURE``
+    times the group's input width), counted per process; lists and tuples are then read in a seeded random order.
+    """
+    if max_tokens is not None:
+        token_budget(max_tokens, 1)  # validate before running anything
     if isinstance(batches, Mapping):
         raise StatisticsError("`batches` is a single batch (a dict): pass an iterable of batches, e.g. [batch] or a "
                               "DataLoader.")
@@ -201,7 +246,8 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
             total = min(len(batches), max_batches) if hasattr(batches, "__len__") and max_batches else None
             if total is None and hasattr(batches, "__len__"):
                 total = len(batches)
-            for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            for batch in tqdm(_sampling_order(batches, max_tokens), total=total, desc=desc, disable=not progress,
+                              leave=False):
                 if max_batches is not None and n_batches >= max_batches:
                     break
                 if not isinstance(batch, Mapping):
@@ -225,6 +271,8 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                         f"must hold the inputs the model's forward needs (got keys {sorted(batch)})."
                     ) from err
                 n_batches += 1
+                if _budget_reached(collector.groups, max_tokens):
+                    break
     finally:
         model.train(was_training)
     if n_batches == 0:

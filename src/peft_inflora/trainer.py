@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -248,8 +248,8 @@ class ContinualTrainer(Trainer):
                      num_items_in_batch: Any = None) -> Any:
         """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``, the paper's
         loss, ``loss_classes="task"``), so other classes' head rows get exactly zero gradient; or over all classes
-        seen so far (``logits[:, :hi]``, ``loss_classes="seen"``), where the frozen old rows still compete, which
-        calibrates new classes against old ones when tasks differ in difficulty. Generation: the model's own loss."""
+        seen so far (``logits[:, :hi]``, ``loss_classes="seen"``), where the frozen old rows still compete with the
+        new ones. Generation: the model's own loss."""
         if self.task_type == "generation" or self._task_classes is None or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
@@ -482,8 +482,8 @@ class ContinualTrainer(Trainer):
         last = done[-1]
         progress = json.loads((last / "progress.json").read_text())
         if progress["task_names"] != names[: progress["tasks_done"]]:
-            raise ValueError(f"The checkpoint in {last} learned tasks {progress['task_names']}, which is not the start "
-                             f"of the given sequence {names}: resume with the same tasks in the same order.")
+            raise ValueError(f"The checkpoint in {last} learned tasks {progress['task_names']}, which is not the "
+                             f"start of the given sequence {names}: resume with the same tasks in the same order.")
         adapter = self.peft_model.active_adapter
         weights = load_peft_weights(str(last))
         set_peft_model_state_dict(self.peft_model, weights, adapter_name=adapter)

