@@ -252,7 +252,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     tasks = build_tasks(args, tokenizer)
     for task in tasks:
         print(f"task {task.name}: {task.train_dataset.num_rows} train / {task.eval_dataset.num_rows} test, e.g. "
-              f"{task.eval_dataset[0]['prompt'].splitlines()[-3]!r} -> {task.eval_dataset[0]['answer']!r}")
+              f"{task.eval_dataset[0]['prompt'].splitlines()[-2]!r} -> {task.eval_dataset[0]['answer']!r}")
 
     results = {}
     result, _ = run_sequence("inflora", args, tasks, tokenizer, args.output_dir)
