@@ -199,40 +199,81 @@ def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_
     assert torch.equal(head.weight[:5], old_rows)  # the learned classes keep their head rows
 
 
-def _run_script(out: Path, kill_at_task: int | None, resume: bool) -> subprocess.CompletedProcess:
+KILLS = {
+    # at the start of the third task (its statistics pass done, nothing trained yet)
+    "at task begin": (
+        "class Kill(ContinualCallback):\n"
+        "    def on_task_begin(self, args, state, control, task, task_index, **kw):\n"
+        "        if task_index == 2:\n"
+        "            os._exit(17)\n"
+    ),
+    # in the middle of the second task's training, after its third optimizer step
+    "mid task": (
+        "class Kill(ContinualCallback):\n"
+        "    task = -1\n"
+        "    def on_task_begin(self, args, state, control, task, task_index, **kw):\n"
+        "        Kill.task = task_index\n"
+        "    def on_step_end(self, args, state, control, **kw):\n"
+        "        if Kill.task == 1 and state.global_step == 3:\n"
+        "            os._exit(17)\n"
+    ),
+    # while the checkpoint after the second task is being written: its safetensors file half written, not renamed
+    "during a save": (
+        "import peft_inflora.trainer as T\n"
+        "real_replace = T.os.replace\n"
+        "def replace(src, dst):\n"
+        "    if str(dst).endswith('after-task-02'):\n"
+        "        f = os.path.join(src, 'adapter_model.safetensors')\n"
+        "        data = open(f, 'rb').read()\n"
+        "        open(f, 'wb').write(data[: len(data) // 2])\n"
+        "        os._exit(17)\n"
+        "    real_replace(src, dst)\n"
+        "T.os.replace = replace\n"
+        "class Kill(ContinualCallback):\n"
+        "    pass\n"
+    ),
+}
+
+
+def _run_script(out: Path, kill: str | None, resume: bool) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     code = (
         "import os, sys\n"
         "from continual_fixtures import inflora_bert, tasks, training_args\n"
         "from peft_inflora import ContinualCallback, ContinualTrainer\n"
-        "class Kill(ContinualCallback):\n"
-        "    def on_task_begin(self, args, state, control, task, task_index, **kw):\n"
-        f"        if task_index == {kill_at_task if kill_at_task is not None else -1}:\n"
-        "            os._exit(17)\n"
-        f"trainer = ContinualTrainer(model=inflora_bert(), args=training_args({str(out)!r}), callbacks=[Kill()])\n"
+        + (KILLS[kill] if kill else "class Kill(ContinualCallback):\n    pass\n")
+        + f"trainer = ContinualTrainer(model=inflora_bert(), args=training_args({str(out)!r}), callbacks=[Kill()])\n"
         f"trainer.train_continual(tasks(), resume_from_checkpoint={resume})\n"
     )
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_uninterrupted_one(tmp_path):
-    killed = _run_script(tmp_path / "a", kill_at_task=2, resume=False)
-    assert killed.returncode == 17, killed.stderr[-2000:]
-    assert (tmp_path / "a" / "continual" / "after-task-02").is_dir()
-    assert not (tmp_path / "a" / "continual" / "after-task-03").exists()
-    resumed = _run_script(tmp_path / "a", kill_at_task=None, resume=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    straight = _run_script(tmp_path / "b", kill_at_task=None, resume=False)
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    straight = _run_script(out, kill=None, resume=False)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    a = load_file(tmp_path / "a" / "continual" / "after-task-03" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "continual" / "after-task-03" / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("kill, last_checkpoint", [("at task begin", 2), ("mid task", 1), ("during a save", 1)])
+def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_uninterrupted_one(
+        tmp_path, uninterrupted_run, kill, last_checkpoint):
+    killed = _run_script(tmp_path, kill=kill, resume=False)
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    done = sorted(p.name for p in (tmp_path / "continual").glob("after-task-*"))
+    assert done == [f"after-task-{k:02d}" for k in range(1, last_checkpoint + 1)]  # never a half-written one
+    resumed = _run_script(tmp_path, kill=None, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(tmp_path / "continual" / "after-task-03" / "adapter_model.safetensors")
+    b = load_file(uninterrupted_run / "continual" / "after-task-03" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:  # same seeds, same data order, same statistics: bit-identical
         assert torch.equal(a[key], b[key]), key
-    ra = json.loads((tmp_path / "a" / "continual_result.json").read_text())
-    rb = json.loads((tmp_path / "b" / "continual_result.json").read_text())
-    assert ra["accuracy_matrix"] == rb["accuracy_matrix"]
+    ra = json.loads((tmp_path / "continual_result.json").read_text())
+    rb = json.loads((uninterrupted_run / "continual_result.json").read_text())
+    assert ra["accuracy_matrix"] == rb["accuracy_matrix"]  # the metrics too, exactly
 
 
 @pytest.mark.parametrize("loss_classes, lo", [("task", 2), ("seen", 0)])
