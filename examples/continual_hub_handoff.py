@@ -42,7 +42,13 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual_text_classification import DemoArguments, build_tasks, packaged_minilm, tokenized  # noqa: E402
+from continual_text_classification import (  # noqa: E402
+    TRAINING_DEFAULTS,
+    DemoArguments,
+    build_tasks,
+    packaged_minilm,
+    tokenized,
+)
 
 import peft_inflora  # noqa: E402,F401  (registers InfLoRA with PEFT: needed before PeftModel.from_pretrained)
 from peft_inflora import ContinualResult, ContinualTrainer, InfLoRAConfig  # noqa: E402
@@ -118,10 +124,7 @@ def max_output_difference(a, b, tokenizer, text: str) -> float:
 
 def main(argv: Optional[list[str]] = None) -> ContinualResult:
     parser = HfArgumentParser((HandoffArguments, TrainingArguments))
-    defaults = ["--output_dir", "runs/hub_handoff", "--learning_rate", "2e-3", "--num_train_epochs", "3",
-                "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64", "--report_to", "none",
-                "--save_strategy", "no", "--logging_strategy", "no", "--seed", "0", "--weight_decay", "0.0",
-                "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+    defaults = ["--output_dir", "runs/hub_handoff"] + TRAINING_DEFAULTS
     args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
     if args.fast:
         args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32

@@ -230,11 +230,6 @@ def run_sequence(method: str, args: ExampleArguments, tasks: list[ContinualTask]
         answer_metric=exact_match,
     )
     result = trainer.train_continual(tasks)
-    if method != "inflora":  # label the baseline in its tables, plots and json
-        result.extra["method"] = "LoRA (sequential fine-tuning)"
-        result.to_json(os.path.join(output_dir, "continual_result.json"))
-        result.plot_accuracy_matrix(os.path.join(output_dir, "accuracy_matrix.png"))
-        result.plot_accuracy_curve(os.path.join(output_dir, "accuracy_curve.png"))
     trainer.save_model(output_dir)  # the final adapter (for InfLoRA: with its memory, to continue the sequence)
     return result, trainer
 
@@ -263,9 +258,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         results[baseline.method] = baseline
         print("\n" + baseline.summary_table())
         print("\n" + compare_table(results))
-    print(f"\nInfLoRA: A_T = {100 * result.final_accuracy:.2f} %, A_avg = "
-          f"{100 * result.average_incremental_accuracy:.2f} %, BWT = {100 * result.backward_transfer:.2f} pp, "
-          f"forgetting = {100 * result.forgetting:.2f} pp")
+    print("\n" + result.headline())
     print(f"adapter and results saved to {args.output_dir} (total time {time.perf_counter() - start:.0f} s)")
 
 

@@ -84,6 +84,13 @@ class DemoArguments:
     fast: bool = field(default=False, metadata={"help": "A smoke run: tiny data, a few steps."})
 
 
+# The demo's TrainingArguments defaults (command-line flags given after them win).
+TRAINING_DEFAULTS = ["--learning_rate", "2e-3", "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
+                     "--per_device_eval_batch_size", "64", "--report_to", "none", "--save_strategy", "no",
+                     "--logging_strategy", "no", "--seed", "0", "--weight_decay", "0.0", "--disable_tqdm", "true",
+                     "--dataloader_pin_memory", "false"]
+
+
 def build_tasks(args: DemoArguments) -> list:
     if args.hub_tasks:
         specs = [spec.split(":") for spec in args.hub_tasks.split(",")]
@@ -149,10 +156,7 @@ def run(method: str, args: DemoArguments, training: TrainingArguments, model_pat
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = HfArgumentParser((DemoArguments, TrainingArguments))
-    defaults = ["--output_dir", "runs/text_demo", "--learning_rate", "2e-3", "--num_train_epochs", "3",
-                "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "64",
-                "--report_to", "none", "--save_strategy", "no", "--logging_strategy", "no", "--seed", "0",
-                "--weight_decay", "0.0", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]
+    defaults = ["--output_dir", "runs/text_demo"] + TRAINING_DEFAULTS
     args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
     if args.fast:
         args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32

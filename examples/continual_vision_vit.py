@@ -21,7 +21,8 @@ Run (from the repository root; ``pip install -e ".[examples]"`` or ``PYTHONPATH=
     python examples/continual_vision_vit.py --output_dir /tmp/vit-fast --fast         # smoke test
     python examples/continual_vision_vit.py --model google/vit-base-patch16-224-in21k --output_dir runs/vit-b16
 
-Run times and results measured on a 2-core CPU are in the README. Outputs in ``--output_dir``: ``continual_result.json``, ``accuracy_matrix.png``, ``accuracy_curve.png``, the final
+Run times and results measured on a 2-core CPU are in the README. Outputs in ``--output_dir``:
+``continual_result.json``, ``accuracy_matrix.png``, ``accuracy_curve.png``, the final
 adapter (``adapter_config.json`` + ``adapter_model.safetensors`` with the InfLoRA memory and the grown head), the
 pretrained tiny ViT (``pretrained_vit/``) and the per-task checkpoints under ``continual/``.
 """
@@ -191,11 +192,6 @@ def run_sequence(method: str, args: ExampleArguments, source: str, tasks: list[C
     trainer = ContinualTrainer(model=model, args=training_args, task_type=args.task_type,
                                loss_classes=args.loss_classes, data_collator=collator)
     result = trainer.train_continual(tasks)
-    if method != "inflora":  # label the baseline in its tables, plots and json
-        result.extra["method"] = "LoRA (sequential fine-tuning)"
-        result.to_json(os.path.join(output_dir, "continual_result.json"))
-        result.plot_accuracy_matrix(os.path.join(output_dir, "accuracy_matrix.png"))
-        result.plot_accuracy_curve(os.path.join(output_dir, "accuracy_curve.png"))
     trainer.save_model(output_dir)  # the final adapter: InfLoRA memory + grown head
     return result, trainer
 
@@ -238,9 +234,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         results[baseline.method] = baseline
         print("\n" + baseline.summary_table())
         print("\n" + compare_table(results))
-    print(f"\nInfLoRA: A_T = {100 * result.final_accuracy:.2f} %, A_avg = "
-          f"{100 * result.average_incremental_accuracy:.2f} %, BWT = {100 * result.backward_transfer:.2f} pp, "
-          f"forgetting = {100 * result.forgetting:.2f} pp")
+    print("\n" + result.headline())
     print(f"adapter and results saved to {args.output_dir} (total time {time.perf_counter() - start:.0f} s)")
 
 

@@ -313,6 +313,12 @@ class ContinualResult:
         """``extra["method"]``, or ``"InfLoRA"``."""
         return str(self.extra.get("method", _DEFAULT_METHOD))
 
+    def headline(self) -> str:
+        """One line: ``"<method>: A_T = .. %, A_avg = .. %, BWT = .. pp, forgetting = .. pp"``."""
+        return (f"{self.method}: A_T = {100 * self.final_accuracy:.2f} %, A_avg = "
+                f"{100 * self.average_incremental_accuracy:.2f} %, BWT = {100 * self.backward_transfer:.2f} pp, "
+                f"forgetting = {100 * self.forgetting:.2f} pp")
+
     def square_matrix(self) -> np.ndarray:
         """The accuracies as a ``num_learned x num_tasks`` float array, NaN where ``j > i``."""
         out = np.full((self.num_learned, self.num_tasks), np.nan)

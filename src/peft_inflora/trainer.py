@@ -310,7 +310,7 @@ class ContinualTrainer(Trainer):
         previous = self._previous_result(previous_result, names, learned)
         prepared = self._prepare_tasks(tasks)
         self.continual_result = ContinualResult(task_names=names, accuracy_matrix=[],
-                                                extra={"task_type": self.task_type})
+                                                extra={"task_type": self.task_type, "method": self._method_name()})
         start = 0
         if previous is not None:
             self.continual_result.accuracy_matrix = [list(row) for row in previous.accuracy_matrix]
@@ -357,6 +357,13 @@ class ContinualTrainer(Trainer):
             self._task_classes, self._frozen_head = None, None
         self._write_result()
         return self.continual_result
+
+    def _method_name(self) -> str:
+        """The label of this run in tables, plots and the JSON: "InfLoRA", or e.g. "sequential LORA" for a baseline."""
+        if self.is_inflora:
+            return "InfLoRA"
+        peft_type = self.peft_model.peft_config[self.peft_model.active_adapter].peft_type
+        return f"sequential {getattr(peft_type, 'value', peft_type)}"
 
     def _previous_result(self, previous: Optional[ContinualResult | str | os.PathLike], names: list[str],
                          learned: int) -> Optional[ContinualResult]:
