@@ -177,8 +177,8 @@ def markdown(result: dict) -> str:
     peaks = result["peak_memory"]
     mib = 2 ** 20
     lines = [f"## Memory (bench_memory.py{' --quick' if env['quick'] else ''})", "",
-             f"torch {env['torch']}; {env['machine']}. Peak RSS above the RSS just before the phase, fresh process per "
-             "phase, MALLOC_MMAP_THRESHOLD_=131072 (see the script's docstring).", "",
+             f"torch {env['torch']}; {env['machine']}. Peak RSS above the RSS just before the phase, fresh process "
+             "per phase, MALLOC_MMAP_THRESHOLD_=131072 (see the script's docstring).", "",
              "| phase | peak memory above baseline (bytes) | MiB | / LoRA step |", "|---|---|---|---|"]
     lora = peaks["lora_step"]["peak_delta_bytes"]
     for phase in PHASES:

@@ -1,7 +1,8 @@
 """Quality of InfLoRA against baselines on the demo's four text tasks (GitHub issue 6, quality part).
 
 all-MiniLM-L6-v2, class-incremental, the default tasks of examples/continual_text_classification.py (built with its
-build_tasks / tokenized) and its settings: r = 8 on query/value, lr 2e-3, 3 epochs, batch 16, 96 tokens), several seeds. Methods, all run by
+build_tasks / tokenized) and its settings: r = 8 on query/value, lr 2e-3, 3 epochs, batch 16, 96 tokens), several
+seeds. Methods, all run by
 peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old head rows frozen):
 
 * InfLoRA eigen (the paper's design), with the default statistics budget, and with every batch;
@@ -161,8 +162,8 @@ def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: 
         output = trainer.predict(test)
         logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
         accuracies.append(float((np.argmax(logits, axis=-1) == np.asarray(test["labels"])).mean()))
-    return {"task_names": [t.name for t in tasks], "accuracies": accuracies, "final_accuracy": float(np.mean(accuracies)),
-            "extra": {"seconds": time.perf_counter() - t0}}
+    return {"task_names": [t.name for t in tasks], "accuracies": accuracies,
+            "final_accuracy": float(np.mean(accuracies)), "extra": {"seconds": time.perf_counter() - t0}}
 
 
 def markdown(result: dict, table: str) -> str:
@@ -170,8 +171,8 @@ def markdown(result: dict, table: str) -> str:
     lines = [f"## Quality on the demo's four tasks (bench_quality.py{' --quick' if env['quick'] else ''})", "",
              f"torch {env['torch']}, peft {env['peft']}; tasks {', '.join(result['task_names'])}; "
              f"seeds {result['seeds']}; "
-             f"{'tiny random BERT, tiny data (smoke run: the numbers mean nothing)' if env['quick'] else 'all-MiniLM-L6-v2'}"
-             ".", "", table, ""]
+             + ("tiny random BERT, tiny data (smoke run: the numbers mean nothing)." if env["quick"]
+                else "all-MiniLM-L6-v2."), "", table, ""]
     joint = result["runs"].get("joint LoRA")
     if joint:
         a = np.array([run["final_accuracy"] for run in joint])

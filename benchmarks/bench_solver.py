@@ -157,7 +157,8 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         fb = " (dense eigh fallback)" if row["memory_fell_back_to_dense_eigh"] else ""
         lines.append(
-            f"| {row['spectrum']} | {row['task']} | {row['memory_before']} | {row['eigh_s']:.2f} (+{row['form_s']:.2f}) "
+            f"| {row['spectrum']} | {row['task']} | {row['memory_before']} "
+            f"| {row['eigh_s']:.2f} (+{row['form_s']:.2f}) "
             f"| {row['design_randomized_s']:.2f} | **{row['design_speedup_vs_eigh']:.1f}x** "
             f"| {row['design_min_cos']:.6f} | {row['memory_randomized_s']:.2f}{fb} "
             f"| **{row['memory_speedup_vs_eigh']:.1f}x** | {row['memory_dim_randomized']} / "

@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import sys
 import time
 import warnings
@@ -63,6 +65,46 @@ def finish_tasks(model, n_tasks: int, d_batch: dict) -> None:
         model.begin_task(small, progress=False)
 
 
+class CachedPastForward:
+    """A prototype, not the package's code: with ``fold="adapter"``, run the frozen base weight and the folded past
+    as ONE matmul with a cached ``W + past_A past_B`` (rebuilt when W or the past factors change), so the step costs
+    the same at any task count (memory: one more weight per adapted layer). Patches ``peft_inflora.layer.Linear``
+    while active."""
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        from peft_inflora.layer import Linear
+
+        self.Linear, self.original = Linear, Linear.forward
+        original = self.original
+
+        def forward(layer, x, *args, **kwargs):
+            adapter = layer.active_adapters[0]
+            base = layer.base_layer
+            if (layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1
+                    or layer.fold[adapter] != "adapter" or layer.inflora_past_A[adapter].shape[1] == 0
+                    or type(base) is not torch.nn.Linear or base.weight.requires_grad):
+                return original(layer, x, *args, **kwargs)
+            W, pa, pb = base.weight, layer.inflora_past_A[adapter], layer.inflora_past_B[adapter]
+            key = (W.data_ptr(), W._version, pa.data_ptr(), pa._version, pb.data_ptr(), pb._version)
+            if getattr(layer, "_cached_key", None) != key:
+                with torch.no_grad():
+                    layer._cached_weight = W + (pa.float() @ pb.float()).to(W.dtype)
+                layer._cached_key = key
+            result = F.linear(x, layer._cached_weight, base.bias)
+            A, B = layer.inflora_A[adapter], layer.inflora_B[adapter]
+            if B.shape[0] > 0:
+                result = result + F.linear(F.linear(x.to(A.dtype), B.to(A.dtype)), A).to(result.dtype)
+            return result
+
+        Linear.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        self.Linear.forward = self.original
+
+
 def step_ratio(lora, other, batch: dict, pairs: int, warmup: int = 2) -> dict:
     opt_a, opt_b = C.optimizer_for(lora), C.optimizer_for(other)
     lora.train()
@@ -104,11 +146,24 @@ def bench_step_time(args) -> dict:
     pairs = 3 if quick else args.pairs
     d_in = inf1.base_model.model.config.hidden_size
     out = {"batch": [16, length], "r": 8, "targets": C.TARGETS, "rows": {}}
+    models["task 10, cached W + past (prototype)"] = inf10
     for name, model in models.items():
         layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
-        row = step_ratio(lora, model, batch, pairs)
-        row["past_rank"] = int(layer.inflora_past_B["default"].shape[0])
-        row["matmuls_per_adapted_layer_forward"] = count_matmuls(layer, d_in)
+        prototype = "prototype" in name
+        if prototype:  # a non-zero past, so that comparing with the package's forward means something
+            x = torch.randn(2, 5, d_in)
+            with torch.no_grad():
+                layer.inflora_past_A["default"].normal_()
+                reference = layer(x)
+        with CachedPastForward() if prototype else contextlib.nullcontext():
+            if prototype:
+                with torch.no_grad():
+                    difference = float((layer(x) - reference).abs().max())
+            row = step_ratio(lora, model, batch, pairs)
+            row["past_rank"] = int(layer.inflora_past_B["default"].shape[0])
+            row["matmuls_per_adapted_layer_forward"] = count_matmuls(layer, d_in)
+        if prototype:
+            row["max_abs_difference_to_package_forward"] = difference
         out["rows"][name] = row
         print(f"step time {name}: ratio {row['ratio']:.3f}", flush=True)
     lora_layer = lora.base_model.model.bert.encoder.layer[0].attention.self.query
@@ -204,8 +259,8 @@ def bench_design_cosines(args, tasks, tokenizer) -> dict:
             break
         threshold = energy_threshold(0.95, t_index, len(tasks))
         full_loader = list(C.task_loader(task.train_dataset, tokenizer, seed=100 + t_index))
-        full = {g.leader: g.accumulator.covariance() for g in collect_statistics(net, layers, full_loader,
-                                                                                  progress=False)}
+        groups = collect_statistics(net, layers, full_loader, progress=False)
+        full = {g.leader: g.accumulator.covariance() for g in groups}
         halves = [full_loader[0::2], full_loader[1::2]]
         half_cov = [{g.leader: g.accumulator.covariance() for g in collect_statistics(net, layers, h, progress=False)}
                     for h in halves] if len(full_loader) >= 2 else None
@@ -264,6 +319,8 @@ def markdown(result: dict) -> str:
              "| state | past rank | matmuls per adapted-layer forward | LoRA median s | InfLoRA median s | ratio "
              "| median pair ratio (IQR) |", "|---|---|---|---|---|---|---|"]
     steps = result["step_time"]
+    prototype = steps["rows"].get("task 10, cached W + past (prototype)", {})
+    prototype_difference = prototype.get("max_abs_difference_to_package_forward", float("nan"))
     for name, row in steps["rows"].items():
         lo, hi = row["pair_ratio_iqr"]
         lines.append(f"| {name} | {row['past_rank']} | {row['matmuls_per_adapted_layer_forward']} "
@@ -271,7 +328,10 @@ def markdown(result: dict) -> str:
                      f"| {row['median_pair_ratio']:.3f} ({lo:.3f}-{hi:.3f}) |")
     lines += ["", f"LoRA runs {steps['lora_matmuls_per_adapted_layer_forward']} matmuls per adapted-layer forward; "
               f"batch {steps['batch'][0]} x {steps['batch'][1]} tokens, {steps['rows']['task 1']['pairs']} "
-              "alternating step pairs after 2 warm-up steps each.", "",
+              "alternating step pairs after 2 warm-up steps each. Task 10: nine tasks finished with begin/end_task "
+              "on small random batches. The prototype row runs the package's task-10 model with the forward of "
+              "`CachedPastForward` (this script): W + past_A past_B cached as one weight; its output differs from "
+              f"the package's forward by at most {prototype_difference:.1e}.", "",
               "### Statistics + design + memory update of one task / one training epoch", "",
               "| task | texts | batches | tokens (padded) | budget | ratio | begin s | end s | epoch s "
               "| statistics s | design s | memory s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -314,14 +374,20 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     C.setup(args)
     skip = set(filter(None, args.skip.split(",")))
-    result = {}
-    result["step_time"] = bench_step_time(args) if "step" not in skip else {"rows": {}}
+    previous = {}
+    saved = Path(args.out) / f"speed{'_quick' if args.quick else ''}.json"
+    if skip and saved.is_file():  # keep the skipped sections of the last run
+        previous = json.loads(saved.read_text())
+    result = {"sections_from_previous_run": sorted(skip)}
+    result["step_time"] = bench_step_time(args) if "step" not in skip else previous.get("step_time", {"rows": {}})
     _, _, tokenizer, tasks = C.demo_tasks(args.quick)
-    result["statistics_ratio"] = bench_statistics_ratio(args, tasks, tokenizer) if "ratio" not in skip else {}
-    result["design_cosines"] = bench_design_cosines(args, tasks, tokenizer) if "cosines" not in skip else {}
+    result["statistics_ratio"] = bench_statistics_ratio(args, tasks, tokenizer) if "ratio" not in skip \
+        else previous.get("statistics_ratio", {})
+    result["design_cosines"] = bench_design_cosines(args, tasks, tokenizer) if "cosines" not in skip \
+        else previous.get("design_cosines", {})
     result["environment"] = C.environment(args)
-    md = markdown(result) if not skip else "(partial run)"
-    C.write_results(args, "speed", result, md)
+    complete = all(result[k] for k in ("statistics_ratio", "design_cosines")) and result["step_time"]["rows"]
+    C.write_results(args, "speed", result, markdown(result) if complete else "(partial run)")
     return result
 
 

@@ -126,7 +126,7 @@ class InfLoRAConfig(PeftConfig):
             How the leading directions of the design and of the memory update are computed. `"exact"`: dense SVD /
             eigh of the projected covariance, O(d_in^3). `"randomized"`: block subspace iteration for the leading
             directions only, O(d_in^2 r) per iteration (seeded, so every process gets the same result); the memory
-            update falls back to a dense eigh when it needs more than 1/8 of the free directions. `"auto"`:
+            update falls back to a dense eigh when it needs more than 1/16 of the free directions. `"auto"`:
             exact up to 1024 input features, randomized above (at 4096 it is tens of times faster than eigh).
         random_seed (`int`, *optional*, defaults to `0`):
             Seed of the random design (`design="random"`); combined with the task index and layer so each is

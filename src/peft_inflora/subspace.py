@@ -640,11 +640,12 @@ def _randomized_candidates(memory: Memory, C: torch.Tensor, energy: str, need: f
     r"""Leading candidate directions of the memory update, enough of them for the selection rule.
 
     Blocks of eigenpairs of the free-space operator are found one after another, each block deflated by the ones
-    before (each at least as large as all found so far), until (a) their energies add up to ``need`` (the energy the memory must gain), or (b) a negligible one
-    (``e <= negligible``) turns up, or (c) what is left outside (``outside - sum e``) is itself negligible: in (b)
-    and (c) every non-negligible direction has been found. Returns ``(U [d, n], e [n])``, e descending; or None
-    when more than ``RANDOMIZED_MAX_FRACTION`` of the free dimensions would be needed (predicted from the energies
-    found, see :func:`_more_directions`, so a flat spectrum falls back after the first block).
+    before and sized from the energy still missing, until (a) their energies add up to ``need`` (the energy the
+    memory must gain), or (b) a negligible one (``e <= negligible``) turns up, or (c) what is left outside
+    (``outside - sum e``) is itself negligible: in (b) and (c) every non-negligible direction has been found.
+    Returns ``(U [d, n], e [n])``, e descending; or None when more than ``RANDOMIZED_MAX_FRACTION`` of the free
+    dimensions would be needed (predicted from the energies found, see :func:`_more_directions`, so a flat
+    spectrum falls back after the first block).
     """
     d, free = memory.d_in, memory.free_dimension
     max_dirs = int(RANDOMIZED_MAX_FRACTION * free)
@@ -816,9 +817,11 @@ def update_memory(
     ``solver``: "exact" (dense SVD / eigh of the projected covariance), "randomized" or "auto" (exact up to
     ``AUTO_EXACT_MAX_DIM`` input features). The randomized solver finds the leading directions only, in
     blocks (block subspace iteration with Rayleigh-Ritz, each block deflated by the ones before, the first
-    of ``RANDOMIZED_FIRST_BLOCK`` directions) until the rule above is decided; energies, totals and the selection are as above. When the threshold needs
-    more than ``RANDOMIZED_MAX_FRACTION`` of the free dimensions (a flat spectrum), which the energy still
-    missing divided by the last energy found predicts early, it runs the exact solver instead.
+    of ``RANDOMIZED_FIRST_BLOCK`` directions) until the rule above is decided; energies, totals and the
+    selection are as above, the energies being the Ritz values (the exact energies of the directions found).
+    When the threshold needs more than ``RANDOMIZED_MAX_FRACTION`` of the free dimensions (a flat spectrum),
+    which the energies found predict early, it falls back to one dense eigh of the Gram matrix ``(Q C)(Q C)^T``
+    (squared energy) or of ``Q C Q`` (linear).
 
     Raises ValueError for a non-square covariance or one that does not match ``memory.d_in``, NaN/inf
     statistics, zero covariance, threshold outside (0, 1], unknown kind, energy or solver.
