@@ -882,3 +882,52 @@ def test_a_failing_svd_in_the_design_falls_back_with_a_warning(monkeypatch):
         B, want = layer.inflora_B["default"], inflora_layers(reference)[name].inflora_B["default"]
         assert B.shape == want.shape and torch.isfinite(B).all()
         torch.testing.assert_close(B, want, atol=1e-4, rtol=0)  # same rows, signs fixed the same way
+
+
+def test_old_task_logits_move_no_more_than_the_interference_report_predicts():
+    """MLP ``logits = lin1(tanh(lin0 x))`` with both layers adapted, 3 tasks in overlapping input subspaces, threshold
+    0.8 (old inputs leak into B_t). From the report of each layer (on the old task's inputs, before training) the
+    change of the old task's logits is bounded by
+
+        ||logits' - logits||_F <= ||W1'||_2 * bound_lin0(||dA0||_2) + bound_lin1(||dA1||_2)
+
+    (tanh is 1-Lipschitz; W1' is lin1's effective weight after training: base + folded past + A_t B_t)."""
+    model = mlp_model(r=3, target_modules=["lin0", "lin1"], energy_threshold=0.8)
+    g = torch.Generator().manual_seed(3)
+    shared = torch.linalg.qr(torch.randn(D_IN, 4, generator=g))[0]  # a direction set every task uses
+
+    def task(seed: int) -> list[dict]:
+        batches = subspace_batches(seed, dim=5)
+        return [{"x": b["x"] + 0.7 * torch.randn(b["x"].shape[0], 4, generator=g) @ shared.T, "labels": b["labels"]}
+                for b in batches]
+
+    tasks = [task(40 + t) for t in range(3)]
+
+    def logits(batches):
+        with torch.no_grad():
+            return torch.cat([model(b["x"]) for b in batches]).double()
+
+    model.eval()
+    run_task(model, tasks[0])
+    checked = 0
+    for t in (1, 2):
+        model.begin_task(tasks[t], progress=False)
+        layers = inflora_layers(model)
+        a_before = {n: layers[n].inflora_A["default"].detach().clone() for n in ("lin0", "lin1")}
+        reports = {j: {g.layers[0]: g for g in model.interference_report(tasks[j])} for j in range(t)}
+        before = {j: logits(tasks[j]) for j in range(t)}
+        sgd_steps(model, tasks[t], steps=8, lr=0.5)
+        d_a = {n: torch.linalg.matrix_norm((layers[n].inflora_A["default"].detach() - a_before[n]).double(), 2).item()
+               for n in a_before}
+        with torch.no_grad():  # lin1's effective weight: its output on the identity, minus the bias
+            eye = torch.eye(D_HID)
+            w1 = (layers["lin1"](eye) - layers["lin1"](torch.zeros(1, D_HID))).T.double()
+        for j in range(t):
+            r0, r1 = reports[j]["lin0"], reports[j]["lin1"]
+            predicted = torch.linalg.matrix_norm(w1, 2).item() * r0.bound(d_a["lin0"]) + r1.bound(d_a["lin1"])
+            change = (logits(tasks[j]) - before[j]).norm().item()
+            assert change <= predicted * (1 + 1e-6) + 1e-6 * before[j].norm().item(), (t, j, change, predicted)
+            assert r0.leakage > 1e-3 and change > 1e-4  # the bound is tested where it has something to bound
+            checked += 1
+        model.end_task(tasks[t], progress=False)
+    assert checked == 3
