@@ -30,23 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import datasets
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    HfArgumentParser,
     TrainingArguments,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continual_text_classification import (  # noqa: E402
-    TRAINING_DEFAULTS,
     DemoArguments,
     build_tasks,
     packaged_minilm,
+    parse_arguments,
     tokenized,
 )
 
@@ -123,14 +121,7 @@ def max_output_difference(a, b, tokenizer, text: str) -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> ContinualResult:
-    parser = HfArgumentParser((HandoffArguments, TrainingArguments))
-    defaults = ["--output_dir", "runs/hub_handoff"] + TRAINING_DEFAULTS
-    args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
-    if args.fast:
-        args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
-        training.num_train_epochs = 1
-    if training.disable_tqdm:
-        datasets.disable_progress_bars()
+    args, training = parse_arguments(HandoffArguments, "runs/hub_handoff", argv)
     model_path = args.model or packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     first, new = load_tasks(args, tokenizer, args.first_tasks), load_tasks(args, tokenizer, args.next_tasks)

@@ -154,15 +154,22 @@ def run(method: str, args: DemoArguments, training: TrainingArguments, model_pat
     return result
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = HfArgumentParser((DemoArguments, TrainingArguments))
-    defaults = ["--output_dir", "runs/text_demo"] + TRAINING_DEFAULTS
+def parse_arguments(argument_class: type, output_dir: str, argv: Optional[list[str]]) -> tuple:
+    """``(args, TrainingArguments)`` from the command line over the demo's defaults; ``--fast`` shrinks the data
+    (``max_train_per_class`` / ``max_test_per_class`` / ``max_length``) and trains one epoch."""
+    parser = HfArgumentParser((argument_class, TrainingArguments))
+    defaults = ["--output_dir", output_dir] + TRAINING_DEFAULTS
     args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
     if args.fast:
         args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
         training.num_train_epochs = 1
     if training.disable_tqdm:
         datasets.disable_progress_bars()
+    return args, training
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args, training = parse_arguments(DemoArguments, "runs/text_demo", argv)
     model_path = args.model or packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tasks = tokenized(build_tasks(args), tokenizer, args.max_length)
