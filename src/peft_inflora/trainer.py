@@ -43,7 +43,8 @@ TASK_TYPES = ("class_incremental", "task_incremental", "generation")
 LOSS_CLASSES = ("task", "seen")
 CONTINUAL_DIR = "continual"
 # What push_to_hub uploads from output_dir (the per-task checkpoints under continual/ stay local).
-HUB_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", RESULT_FILE, "*.png")
+RUN_FILES = ("README.md", RESULT_FILE, "*.png")  # the model card, the result and its plots
+HUB_FILES = ("adapter_config.json", "adapter_model.safetensors") + RUN_FILES
 
 
 @dataclass
@@ -568,7 +569,7 @@ class ContinualTrainer(Trainer):
         if self.is_world_process_zero():
             self._write_result()
             self.create_model_card(model_name=model_name or folder.name)
-            for pattern in HUB_FILES[2:]:
+            for pattern in RUN_FILES:  # save_model wrote the adapter files
                 for file in Path(self.args.output_dir).glob(pattern):
                     if file.is_file() and file.parent.resolve() != folder.resolve():
                         shutil.copy2(file, folder / file.name)
