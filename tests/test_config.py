@@ -36,6 +36,7 @@ DEFAULTS = {
     "energy": "squared",
     "total_tasks": None,
     "fold": "adapter",
+    "cache_past_weight": True,
     "statistics_max_batches": None,
     "statistics_max_tokens": "auto",
     "statistics_dtype": "float64",

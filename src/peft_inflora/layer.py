@@ -14,6 +14,11 @@ For a wrapped layer ``W`` (``d_out x d_in``) and input ``x`` (``... x d_in``), w
 
 With ``fold="base"`` the past product is added into ``W`` when a task ends and the forward skips it; the factors are
 still kept (and saved) so the adapter can be loaded onto a pristine base model, disabled, or unloaded exactly.
+
+With ``fold="adapter"`` and ``cache_past_weight=True`` (the default) the forward runs ``W + past_A past_B`` as one
+cached ``d_out x d_in`` weight (not saved; rebuilt whenever ``W`` or the past factors change), so a step costs the same
+after 10 tasks as after 1; the price is one more weight per adapted layer while the model is used. Layers where that
+is not safe (not a plain frozen ``nn.Linear``, hooks on the base layer, several active adapters) use the two factors.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ class InfLoRALayer(BaseTunerLayer):
         "inflora_task_ranks",
         "r",
         "fold",
+        "cache_past_weight",
     )
     # buffers whose shape changes with the continual state: resized when a checkpoint is loaded
     resizable_state_names = ("inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory",
@@ -62,6 +68,8 @@ class InfLoRALayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.fold: dict[str, str] = {}
+        self.cache_past_weight: dict[str, bool] = {}
+        self._past_weight_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter -> (key, W + past_A past_B)
         self.inflora_A = nn.ParameterDict({})
         self.inflora_B = BufferDict({}, persistent=True)
         self.inflora_past_A = BufferDict({}, persistent=True)
@@ -79,7 +87,8 @@ class InfLoRALayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     # ------------------------------------------------------------------ creation
-    def update_layer(self, adapter_name: str, r: int, fold: str, inference_mode: bool = False, **kwargs: Any) -> None:
+    def update_layer(self, adapter_name: str, r: int, fold: str, inference_mode: bool = False,
+                     cache_past_weight: bool = True, **kwargs: Any) -> None:
         """Create an adapter with empty continual state: no task done, empty memory, no branch in progress."""
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
@@ -90,6 +99,7 @@ class InfLoRALayer(BaseTunerLayer):
             )
         self.r[adapter_name] = r
         self.fold[adapter_name] = fold
+        self.cache_past_weight[adapter_name] = bool(cache_past_weight)
         d_in, d_out = self.in_features, self.out_features
         self.inflora_A[adapter_name] = nn.Parameter(torch.zeros(d_out, 0))
         self.inflora_B[adapter_name] = torch.zeros(0, d_in)
@@ -235,6 +245,7 @@ class InfLoRALayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.fold:
             self.remove_folded_past(adapter_name)
+        self._past_weight_cache.pop(adapter_name, None)
         super().delete_adapter(adapter_name)
 
 
@@ -248,11 +259,38 @@ class Linear(nn.Module, InfLoRALayer):
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, fold, inference_mode=kwargs.get("inference_mode", False))
+        self.update_layer(adapter_name, r, fold, inference_mode=kwargs.get("inference_mode", False),
+                          cache_past_weight=kwargs.get("cache_past_weight", True))
 
     def _past_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         past_A, past_B = self.inflora_past_A[adapter], self.inflora_past_B[adapter]
         return F.linear(F.linear(self._cast_input_dtype(x, past_B.dtype), past_B), past_A)
+
+    def _cached_weight_with_past(self, adapter: str) -> Optional[torch.Tensor]:
+        """``W + past_A past_B`` (``d_out x d_in``, the base weight's dtype) for the one active ``fold="adapter"``
+        adapter, or ``None`` when the layer must use the factors (cache off, no finished task, several active
+        adapters, a base layer that is not a plain frozen ``nn.Linear`` or has hooks, e.g. Accelerate offloading).
+
+        The cached sum is a plain attribute (never saved, never trained) keyed on the storage and in-place version
+        counters of ``W``, ``past_A`` and ``past_B``: ``end_task``, ``load``, ``merge`` or ``.to()`` rebuild it."""
+        base = self.base_layer
+        past_A, past_B = self.inflora_past_A[adapter], self.inflora_past_B[adapter]
+        if (not self.cache_past_weight.get(adapter, False) or self.fold[adapter] != "adapter"
+                or past_A.shape[1] == 0 or len(self.active_adapters) != 1 or type(base) is not nn.Linear
+                or base.weight.requires_grad or base._forward_hooks or base._forward_pre_hooks
+                or hasattr(base, "_hf_hook") or torch.compiler.is_compiling()):
+            return None
+        W = base.weight
+        key = (W.data_ptr(), W._version, W.dtype, W.device, past_A.data_ptr(), past_A._version, past_B.data_ptr(),
+               past_B._version)
+        cached = self._past_weight_cache.get(adapter)
+        if cached is None or cached[0] != key:
+            # outside inference mode, so a cache built under torch.inference_mode() can serve a training forward
+            with torch.inference_mode(False), torch.no_grad():
+                exact = torch.promote_types(W.dtype, torch.float32)
+                weight = (W.to(exact) + past_A.to(exact) @ past_B.to(exact)).to(W.dtype)
+            self._past_weight_cache[adapter] = cached = (key, weight)
+        return cached[1]
 
     def _without_hidden_past(self, result: torch.Tensor, x: torch.Tensor, visible) -> torch.Tensor:
         """``fold="base"`` puts every adapter's finished tasks into the one shared ``W``: take out those of the
@@ -284,13 +322,20 @@ class Linear(nn.Module, InfLoRALayer):
         elif self.merged:
             result = self._without_hidden_past(self.base_layer(x, *args, **kwargs), x, visible=self.merged_adapters)
         else:
-            result = self._without_hidden_past(self.base_layer(x, *args, **kwargs), x, visible=self.active_adapters)
+            adapter = self.active_adapters[0] if self.active_adapters else None
+            cached = self._cached_weight_with_past(adapter) if adapter in self.inflora_A else None
+            if cached is not None:  # W x + past_A past_B x as one matmul
+                base_output = F.linear(x, cached, self.base_layer.bias)
+            else:
+                base_output = self.base_layer(x, *args, **kwargs)
+            result = self._without_hidden_past(base_output, x, visible=self.active_adapters)
             torch_result_dtype = result.dtype
             for adapter in self.active_adapters:
                 if adapter not in self.inflora_A:
                     continue
                 A, B = self.inflora_A[adapter], self.inflora_B[adapter]
-                if self.fold[adapter] == "adapter" and self.inflora_past_A[adapter].shape[1] > 0:
+                if (cached is None and self.fold[adapter] == "adapter"
+                        and self.inflora_past_A[adapter].shape[1] > 0):
                     result = result + self._past_output(x, adapter).to(torch_result_dtype)
                 if B.shape[0] > 0:
                     x_cast = self._cast_input_dtype(x, A.dtype)
