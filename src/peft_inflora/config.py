@@ -106,6 +106,11 @@ class InfLoRAConfig(PeftConfig):
             Where a finished task's branch goes at `end_task`. `"adapter"`: folded into frozen factors kept (and
             saved) with the adapter, so the base weights stay untouched and the adapter can be disabled. `"base"`:
             merged into the base weights, which keeps inference cost at zero but changes the base model.
+        cache_past_weight (`bool`, *optional*, defaults to `True`):
+            With `fold="adapter"`: run the base weight and all finished tasks as one cached weight
+            `W + past_A past_B` (not saved), so a training or inference step costs the same after any number of
+            tasks. Costs one more `d_out x d_in` weight per adapted layer in memory; set `False` on large models to
+            compute the finished tasks from their factors instead (two extra matmuls of rank `sum_j r_j`).
         statistics_max_batches (`Optional[int]`):
             Upper bound on the number of batches read by a statistics pass (`begin_task` / `end_task`). Unset: the
             whole iterable. The authors' language-model code uses about 1000.
@@ -250,6 +255,15 @@ class InfLoRAConfig(PeftConfig):
             )
         },
     )
+    cache_past_weight: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "With fold='adapter': run W + past_A past_B as one cached weight (one more weight per adapted layer "
+                "in memory, constant step cost); False computes the finished tasks from their factors."
+            )
+        },
+    )
     statistics_max_batches: Optional[int] = field(
         default=None,
         metadata={
@@ -391,6 +405,7 @@ class InfLoRAConfig(PeftConfig):
                 "total_tasks", self.total_tasks, "set it to the number of tasks in the sequence, or None"
             )
         self.fold = _choice("fold", self.fold, FOLDS, "'adapter' to keep the base weights untouched")
+        self.cache_past_weight = _boolean("cache_past_weight", self.cache_past_weight)
         if self.statistics_max_batches is not None:
             self.statistics_max_batches = _positive_int(
                 "statistics_max_batches", self.statistics_max_batches, "use None to read all batches, or e.g. 1000"

@@ -180,7 +180,8 @@ class InfLoRAModel(BaseTuner):
         r_key = get_pattern_key((inflora_config.rank_pattern or {}).keys(), current_key)
         r = (inflora_config.rank_pattern or {}).get(r_key, inflora_config.r)
         if isinstance(target, InfLoRALayer):
-            target.update_layer(adapter_name, r, inflora_config.fold, inference_mode=inflora_config.inference_mode)
+            target.update_layer(adapter_name, r, inflora_config.fold, inference_mode=inflora_config.inference_mode,
+                                cache_past_weight=inflora_config.cache_past_weight)
             return
         new_module = self._create_new_module(inflora_config, adapter_name, target, r, current_key)
         if adapter_name not in self.active_adapters:
@@ -219,7 +220,8 @@ class InfLoRAModel(BaseTuner):
             fan_in_fan_out = inflora_config.fan_in_fan_out = False
         return layer_cls(target, adapter_name, r=r, fold=inflora_config.fold, fan_in_fan_out=fan_in_fan_out,
                          is_target_conv_1d_layer=isinstance(base, Conv1D),
-                         inference_mode=inflora_config.inference_mode)
+                         inference_mode=inflora_config.inference_mode,
+                         cache_past_weight=inflora_config.cache_past_weight)
 
     # ------------------------------------------------------------------ state access
     def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
