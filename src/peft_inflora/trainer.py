@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import set_seed
 
+from .hub import HubPushError, task_revision_names
 from .metrics import RESULT_FILE, ContinualResult
 
 TASK_TYPES = ("class_incremental", "task_incremental", "generation")
@@ -45,6 +47,8 @@ CONTINUAL_DIR = "continual"
 # What push_to_hub uploads from output_dir (the per-task checkpoints under continual/ stay local).
 RUN_FILES = ("README.md", RESULT_FILE, "*.png")  # the model card, the result and its plots
 HUB_FILES = ("adapter_config.json", "adapter_model.safetensors") + RUN_FILES
+# Written into continual/after-task-NN/ once that state is on its Hub branch (push_task_revisions=True).
+TASK_REVISION_RECORD = "hub_revision.json"
 
 
 @dataclass
@@ -172,12 +176,20 @@ class ContinualTrainer(Trainer):
         task_type: ``"class_incremental"``, ``"task_incremental"`` or ``"generation"``.
         generation_max_new_tokens: generation budget of the generation evaluation.
         answer_metric: for generation, ``f(predictions, references) -> float`` (default: normalized exact match).
+        push_task_revisions: after every finished task (and its evaluation), push what :meth:`push_to_hub` pushes
+            to the branch ``task-<k>-<name>`` of ``args.hub_model_id`` (``k`` 1-based, the name made a valid git ref,
+            see :func:`peft_inflora.hub.task_revision_name`), created from ``args.hub_revision`` (default ``main``);
+            at the end of :meth:`train_continual`, :meth:`push_to_hub` updates that revision too. Needs
+            ``TrainingArguments(push_to_hub=True, hub_model_id=...)``. Only the main process uploads.
         All other arguments are ``transformers.Trainer``'s.
     """
 
     def __init__(self, *args: Any, task_type: str = "class_incremental", loss_classes: str = "task",
                  generation_max_new_tokens: int = 32,
-                 answer_metric: Optional[Callable[[list[str], list[str]], float]] = None, **kwargs: Any) -> None:
+                 answer_metric: Optional[Callable[[list[str], list[str]], float]] = None,
+                 push_task_revisions: bool = False, **kwargs: Any) -> None:
+        # before Trainer.__init__, which creates the Hub repository when push_to_hub is set
+        self._check_push_task_revisions(push_task_revisions, kwargs.get("args", args[1] if len(args) > 1 else None))
         if task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}.")
         if loss_classes not in LOSS_CLASSES:
@@ -190,6 +202,7 @@ class ContinualTrainer(Trainer):
         self.loss_classes = loss_classes
         self.generation_max_new_tokens = generation_max_new_tokens
         self.answer_metric = answer_metric
+        self.push_task_revisions = push_task_revisions
         self.continual_result: Optional[ContinualResult] = None
         self._task_classes: Optional[tuple[int, int]] = None  # [lo, hi) of the task being trained
         self._class_ranges: list[tuple[int, int]] = []
@@ -294,6 +307,11 @@ class ContinualTrainer(Trainer):
         classes keep their head rows and they are evaluated after every new task), and ``previous_result`` is the
         result saved with the adapter (a :class:`ContinualResult`, or a folder / Hub repo id holding
         ``continual_result.json``, see :meth:`ContinualResult.from_pretrained`). Training starts at task ``k``.
+
+        With ``push_task_revisions=True`` every finished task is pushed to its branch ``task-<k>-<name>`` right after
+        its local checkpoint is saved, and the end of the sequence to ``args.hub_revision`` (``main``). A failed upload
+        raises :class:`~peft_inflora.hub.HubPushError` with the checkpoint saved: ``resume_from_checkpoint=True``
+        first pushes the finished tasks whose branch is missing, then continues with the next task.
         """
         tasks = list(tasks)
         if not tasks:
@@ -301,6 +319,7 @@ class ContinualTrainer(Trainer):
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"Task names must be unique, got {names}.")
+        branches = task_revision_names(names) if self.push_task_revisions else []  # bad names fail before training
         for task in tasks:
             if task.train_dataset is None:
                 raise ValueError(f"Task '{task.name}' has no train_dataset.")
@@ -320,6 +339,8 @@ class ContinualTrainer(Trainer):
             start = learned
         if resume_from_checkpoint:
             start = max(start, self._resume(names))
+            if self.push_task_revisions:  # an upload that failed before the interruption
+                self._push_missing_task_revisions(start, names, branches)
         out_dir = Path(self.args.output_dir)
         peft_model = self.peft_model
         base_output_dir = self.args.output_dir
@@ -353,10 +374,14 @@ class ContinualTrainer(Trainer):
                 self._save_progress(index, names)
                 self._call_task_event("on_task_end", task=task, task_index=index, result=self.continual_result)
                 self.log({f"continual/accuracy_after_{task.name}": sum(row) / len(row)})
+                if self.push_task_revisions:
+                    self._push_task_revision(index, task.name, branches[index])
         finally:
             self.args.output_dir = base_output_dir
             self._task_classes, self._frozen_head = None, None
         self._write_result()
+        if self.push_task_revisions:
+            self._push_sequence_end(names)
         return self.continual_result
 
     def _method_name(self) -> str:
@@ -501,14 +526,17 @@ class ContinualTrainer(Trainer):
         self.continual_result.statistics_seconds = saved.statistics_seconds
         return int(progress["tasks_done"])
 
-    def _write_result(self) -> None:
-        if not self.args.should_save or self.continual_result is None or not self.continual_result.accuracy_matrix:
+    def _write_result(self, folder: Optional[str | os.PathLike] = None,
+                      result: Optional[ContinualResult] = None) -> None:
+        """Write ``result`` (default: the run's) and its plots into ``folder`` (default: ``output_dir``)."""
+        result = result if result is not None else self.continual_result
+        if not self.args.should_save or result is None or not result.accuracy_matrix:
             return
-        out = Path(self.args.output_dir)
+        out = Path(folder if folder is not None else self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.continual_result.to_json(str(out / RESULT_FILE))
-        self.continual_result.plot_accuracy_matrix(str(out / "accuracy_matrix.png"))
-        self.continual_result.plot_accuracy_curve(str(out / "accuracy_curve.png"))
+        result.to_json(str(out / RESULT_FILE))
+        result.plot_accuracy_matrix(str(out / "accuracy_matrix.png"))
+        result.plot_accuracy_curve(str(out / "accuracy_curve.png"))
 
     # ------------------------------------------------------------------ Hub
     def create_model_card(self, model_name: Optional[str] = None, **kwargs: Any) -> None:
@@ -516,28 +544,38 @@ class ContinualTrainer(Trainer):
         the adapter and continue the sequence."""
         if not self.is_world_process_zero():
             return
+        text = self._model_card_text(self.continual_result, model_name or Path(self.args.output_dir).name)
+        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.args.output_dir) / "README.md").write_text(text, encoding="utf-8")
+
+    def _model_card_text(self, result: Optional[ContinualResult], model_name: str,
+                         revision: Optional[str] = None) -> str:
+        """The model card for ``result``; with ``revision``, the card of that per-task branch."""
         base = getattr(self.peft_model.peft_config[self.peft_model.active_adapter], "base_model_name_or_path", None)
-        result = self.continual_result
         lines = ["---", "library_name: peft", "tags:", "- inflora", "- continual-learning", "- peft"]
         if base:
             lines.append(f"base_model: {base}")
-        lines += ["---", "", f"# {model_name or Path(self.args.output_dir).name}", "",
+        lines += ["---", "", f"# {model_name}", "",
                   "An [InfLoRA](https://arxiv.org/abs/2404.00228) adapter trained with "
                   "[peft-inflora](https://pypi.org/project/peft-inflora/) on a sequence of tasks.", ""]
         if result is not None and result.accuracy_matrix:
             done = len(result.accuracy_matrix)
+            if revision is not None:
+                lines += [f"This revision (`{revision}`) holds the adapter after task {done} "
+                          f"({result.task_names[done - 1]}); the repository's other `task-<k>-<name>` branches hold "
+                          "the other points of the sequence.", ""]
             lines += [f"Tasks learned ({done}): " + ", ".join(result.task_names[:done]), "",
                       result.summary_table(), ""]
+        load_from = f'REPO_ID, revision="{revision}"' if revision is not None else "REPO_ID"
         num_labels = getattr(self.peft_model.config, "num_labels", None)
         lines += ["## Usage", "", "```python",
                   "import peft_inflora  # registers the InfLoRA method with PEFT: required before loading",
                   "from peft import PeftModel", "",
                   f"base = ...  # {base or 'the base model'}"
                   + (f", with num_labels={num_labels}" if self.task_type != "generation" and num_labels else ""),
-                  "model = PeftModel.from_pretrained(base, REPO_ID, is_trainable=True)",
+                  f"model = PeftModel.from_pretrained(base, {load_from}, is_trainable=True)",
                   "model.begin_task(next_task_batches)  # continue the sequence", "```", ""]
-        Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.args.output_dir) / "README.md").write_text("\n".join(lines), encoding="utf-8")
+        return "\n".join(lines)
 
     def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
                     token: Optional[str] = None, revision: Optional[str] = None, private: Optional[bool] = None,
@@ -574,3 +612,85 @@ class ContinualTrainer(Trainer):
                     if file.is_file() and file.parent.resolve() != folder.resolve():
                         shutil.copy2(file, folder / file.name)
         return folder
+
+    # ------------------------------------------------------------------ per-task Hub revisions
+    @staticmethod
+    def _check_push_task_revisions(push_task_revisions: Any, args: Any) -> None:
+        """``push_task_revisions=True`` needs ``push_to_hub`` and ``hub_model_id`` in the ``TrainingArguments``."""
+        if not isinstance(push_task_revisions, bool):
+            raise ValueError(
+                f"push_task_revisions must be True or False, got {push_task_revisions!r}: True pushes the state after "
+                "every task to its own branch task-<k>-<name> of args.hub_model_id (branches, not tags: a branch can "
+                "be uploaded to directly and updated when a failed push is retried).")
+        if not push_task_revisions:
+            return
+        missing = [] if args is not None and args.push_to_hub else ["push_to_hub=True"]
+        if args is None or not args.hub_model_id:
+            missing.append("hub_model_id='<user or org>/<repo>'")
+        if missing:
+            raise ValueError(
+                "push_task_revisions=True pushes each finished task to a branch of the Hub repository "
+                f"args.hub_model_id: set TrainingArguments({', '.join(missing)}), or drop push_task_revisions.")
+
+    def _push_task_revision(self, index: int, task_name: str, branch: str) -> None:
+        """Push the checkpoint after task ``index`` (``continual/after-task-NN``: adapter with memory, result so far)
+        with its plots and model card to ``branch``, created from ``args.hub_revision`` (``main``) if missing;
+        exactly the files :meth:`push_to_hub` uploads. Main process only. Records the push in the checkpoint."""
+        if not self.is_world_process_zero():
+            return
+        from huggingface_hub import HfApi
+
+        checkpoint = Path(self.args.output_dir) / CONTINUAL_DIR / f"after-task-{index + 1:02d}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="inflora-hub-") as staging:
+                result = ContinualResult.from_json(str(checkpoint / RESULT_FILE))
+                for pattern in HUB_FILES:  # the adapter files and the result
+                    for file in checkpoint.glob(pattern):
+                        shutil.copy2(file, Path(staging) / file.name)
+                self._write_result(staging, result)  # plots
+                name = f"{self.hub_model_id.split('/')[-1]} (after task {index + 1}: {task_name})"
+                (Path(staging) / "README.md").write_text(self._model_card_text(result, name, revision=branch),
+                                                         encoding="utf-8")
+                api = HfApi(token=self.args.hub_token)
+                api.create_branch(self.hub_model_id, branch=branch, revision=self.args.hub_revision, exist_ok=True)
+                commit = api.upload_folder(repo_id=self.hub_model_id, folder_path=staging, revision=branch,
+                                           commit_message=f"After task {index + 1}: {task_name}",
+                                           allow_patterns=list(HUB_FILES))
+        except Exception as exc:
+            raise HubPushError(
+                f"Pushing the state after task {index + 1} ('{task_name}') to branch '{branch}' of "
+                f"{self.hub_model_id} failed ({type(exc).__name__}: {exc}). Nothing is lost: the adapter and the "
+                f"result after this task are saved in {checkpoint}. Fix the cause (network, a token with write "
+                "access, ...) and call train_continual(tasks, resume_from_checkpoint=True) with the same output_dir: "
+                "it pushes the finished tasks whose branch is missing, then continues with the next task."
+            ) from exc
+        record = {"repo_id": self.hub_model_id, "revision": branch, "commit": getattr(commit, "oid", None)}
+        (checkpoint / TASK_REVISION_RECORD).write_text(json.dumps(record), encoding="utf-8")
+
+    def _push_missing_task_revisions(self, start: int, names: list[str], branches: list[str]) -> None:
+        """On resume: push every local checkpoint of the first ``start`` tasks that is not yet on its branch of
+        this repository (an upload failed, or the run before had ``push_task_revisions`` off)."""
+        if not self.is_world_process_zero():
+            return
+        for index in range(start):
+            checkpoint = Path(self.args.output_dir) / CONTINUAL_DIR / f"after-task-{index + 1:02d}"
+            if not (checkpoint / RESULT_FILE).is_file():
+                continue  # learned before this run's output_dir (a downloaded adapter): not ours to push
+            record_file = checkpoint / TASK_REVISION_RECORD
+            record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+            if record.get("repo_id") != self.hub_model_id or record.get("revision") != branches[index]:
+                self._push_task_revision(index, names[index], branches[index])
+
+    def _push_sequence_end(self, names: list[str]) -> None:
+        """After the last task: :meth:`push_to_hub` to ``args.hub_revision`` (``main``), on every process (it saves
+        the model on all of them and uploads from the main one)."""
+        done = len(self.continual_result.accuracy_matrix)
+        try:
+            self.push_to_hub(commit_message=f"After task {done}: {names[done - 1]} (end of the sequence)")
+        except Exception as exc:
+            raise HubPushError(
+                f"The sequence is trained and every task is on its task-<k>-<name> branch, but pushing the final "
+                f"state to {self.args.hub_revision or 'main'} of {self.hub_model_id} failed ({type(exc).__name__}: "
+                f"{exc}). The final adapter and result are in {self.args.output_dir}: call trainer.push_to_hub() "
+                "again once the cause is fixed."
+            ) from exc
