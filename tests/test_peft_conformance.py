@@ -664,7 +664,7 @@ def test_get_peft_model_state_dict_keys():
     keys = set(get_peft_model_state_dict(model))
     layers = [f"layers.{i}.{n}" for i in range(3) for n in TARGETS]
     attrs = ["inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory", "inflora_memory_form",
-             "inflora_task_ranks"]
+             "inflora_task_ranks", "inflora_energy_thresholds"]
     assert keys == {f"base_model.model.{layer}.{attr}" for layer in layers for attr in attrs} | {
         "base_model.model.head.weight", "base_model.model.head.bias"}
     other = set(get_peft_model_state_dict(model, adapter_name="other"))

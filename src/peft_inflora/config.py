@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import registry
+from .sketch import sketch_size
 
 
 registry.ensure_peft_type()  # PeftType.INFLORA exists from here on
@@ -102,6 +103,11 @@ class InfLoRAConfig(PeftConfig):
         total_tasks (`Optional[int]`):
             Number of tasks T in the sequence. When set, the threshold grows per task as
             `eps_t = lambda + (1 - lambda) * t / T` (authors' code); when unset it stays `energy_threshold`.
+        adaptive_threshold (`bool`, *optional*, defaults to `False`):
+            Capacity planning for long sequences (needs `total_tasks`). After task t (0-based) each layer's memory
+            may span at most `d_in - r * (T - t - 1)` dimensions, so every remaining task still finds r free
+            directions: where the scheduled `eps_t` would need more, the memory keeps only its leading directions up
+            to that cap, and the energy they keep is recorded as the task's threshold (`capacity_report()`).
         fold (`str`, *optional*, defaults to `"adapter"`):
             Where a finished task's branch goes at `end_task`. `"adapter"`: folded into frozen factors kept (and
             saved) with the adapter, so the base weights stay untouched and the adapter can be disabled. `"base"`:
@@ -124,6 +130,14 @@ class InfLoRAConfig(PeftConfig):
             in their own order.
         statistics_dtype (`str`, *optional*, defaults to `"float64"`):
             Precision of the covariance accumulators, whatever the model's dtype: `"float64"` or `"float32"`.
+        statistics_sketch (`Optional[Union[int, str]]`):
+            Bounded-memory statistics for wide layers. Unset (None): each input group accumulates its exact
+            `d_in x d_in` covariance (128 MiB in float64 at d_in = 4096). An int `ell`: groups with
+            `d_in > 2 * ell` keep a Frequent Directions sketch of their inputs instead (`2 * ell x d_in` numbers, plus
+            the exact trace; narrower groups stay exact), and the design and memory update work from it without a
+            `d_in x d_in` matrix; data of rank <= ell gives exactly the design and memory of the exact mode.
+            `"auto"`: ell = 256 (16 MiB per group at d_in = 4096). Must be at least `r` (and every `rank_pattern`
+            rank). Accuracy against the exact mode: see `peft_inflora.sketch` and docs/drafts/statistics-sketch.md.
         share_input_statistics (`bool`, *optional*, defaults to `True`):
             Compute one covariance (and design) for targeted layers that read the same input tensor, e.g. the key and
             value projections of one attention block. Saves memory and time; results are the same.
@@ -246,6 +260,15 @@ class InfLoRAConfig(PeftConfig):
             )
         },
     )
+    adaptive_threshold: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Needs total_tasks. Cap each layer's memory at d_in - r * (tasks left) dimensions after every task, "
+                "lowering that task's energy threshold where needed, so every remaining task gets r free directions."
+            )
+        },
+    )
     fold: str = field(
         default="adapter",
         metadata={
@@ -285,6 +308,15 @@ class InfLoRAConfig(PeftConfig):
     statistics_dtype: str = field(
         default="float64",
         metadata={"help": "Precision of the covariance accumulators, any model dtype: 'float64' or 'float32'."},
+    )
+    statistics_sketch: Optional[Union[int, str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Bounded-memory statistics: an int ell keeps a Frequent Directions sketch (2 ell x d_in) per input "
+                "group wider than 2 ell instead of the d_in x d_in covariance; 'auto': ell = 256; None: exact."
+            )
+        },
     )
     share_input_statistics: bool = field(
         default=True,
@@ -404,6 +436,12 @@ class InfLoRAConfig(PeftConfig):
             self.total_tasks = _positive_int(
                 "total_tasks", self.total_tasks, "set it to the number of tasks in the sequence, or None"
             )
+        self.adaptive_threshold = _boolean("adaptive_threshold", self.adaptive_threshold)
+        if self.adaptive_threshold and self.total_tasks is None:
+            raise ValueError(
+                "adaptive_threshold=True plans each layer's capacity for the tasks still to come, so it needs "
+                "total_tasks: set total_tasks to the number of tasks in the sequence, or adaptive_threshold=False."
+            )
         self.fold = _choice("fold", self.fold, FOLDS, "'adapter' to keep the base weights untouched")
         self.cache_past_weight = _boolean("cache_past_weight", self.cache_past_weight)
         if self.statistics_max_batches is not None:
@@ -418,6 +456,19 @@ class InfLoRAConfig(PeftConfig):
         self.statistics_dtype = _choice(
             "statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES, "'float64' unless memory is tight"
         )
+        if self.statistics_sketch is not None and self.statistics_sketch != "auto":
+            self.statistics_sketch = _positive_int(
+                "statistics_sketch", self.statistics_sketch, "use 'auto' (256 rows), an int like 512, or None for the "
+                "exact covariance"
+            )
+        if self.statistics_sketch is not None:
+            ell, rank = sketch_size(self.statistics_sketch), max([self.r, *self.rank_pattern.values()])
+            if ell < rank:
+                raise ValueError(
+                    f"statistics_sketch={self.statistics_sketch!r} keeps {ell} directions per input group, fewer than "
+                    f"the rank {rank} a task's B_t needs: use statistics_sketch >= {rank} ('auto' = 256 rows, "
+                    "ideally several times the rank), or None for the exact covariance."
+                )
         self.share_input_statistics = _boolean("share_input_statistics", self.share_input_statistics)
         self.solver = _choice("solver", self.solver, SOLVERS, "'auto' (exact up to 1024 input features)")
         self.random_seed = _non_negative_int("random_seed", self.random_seed, "use e.g. 0")

@@ -10,7 +10,9 @@ For a wrapped layer ``W`` (``d_out x d_in``) and input ``x`` (``... x d_in``), w
   ``R = sum_j r_j``, so all past branches cost one low-rank product ``past_A (past_B x)``;
 * ``inflora_memory``  ``(d_in, k)`` float32: the orthonormal basis of the memory ``M`` (form 0) or of its complement
   ``P`` (form 1, DualGPM); ``inflora_memory_form`` a 0-dim int buffer;
-* ``inflora_task_ranks``  ``(T,)`` int64: ``r_j`` of every finished task (how ``past_*`` splits into tasks).
+* ``inflora_task_ranks``  ``(T,)`` int64: ``r_j`` of every finished task (how ``past_*`` splits into tasks);
+* ``inflora_energy_thresholds``  ``(T,)`` float32: the energy threshold each finished task's memory update used
+  (below the configured schedule where ``adaptive_threshold`` capped the memory).
 
 With ``fold="base"`` the past product is added into ``W`` when a task ends and the forward skips it; the factors are
 still kept (and saved) so the adapter can be loaded onto a pristine base model, disabled, or unloaded exactly.
@@ -56,13 +58,14 @@ class InfLoRALayer(BaseTunerLayer):
         "inflora_memory",
         "inflora_memory_form",
         "inflora_task_ranks",
+        "inflora_energy_thresholds",
         "r",
         "fold",
         "cache_past_weight",
     )
     # buffers whose shape changes with the continual state: resized when a checkpoint is loaded
     resizable_state_names = ("inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory",
-                             "inflora_task_ranks")
+                             "inflora_task_ranks", "inflora_energy_thresholds")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -77,6 +80,7 @@ class InfLoRALayer(BaseTunerLayer):
         self.inflora_memory = BufferDict({}, persistent=True)
         self.inflora_memory_form = BufferDict({}, persistent=True)
         self.inflora_task_ranks = BufferDict({}, persistent=True)
+        self.inflora_energy_thresholds = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
         in_features, out_features = _get_in_out_features(self.get_base_layer())
@@ -108,6 +112,7 @@ class InfLoRALayer(BaseTunerLayer):
         self.inflora_memory[adapter_name] = torch.zeros(d_in, 0)
         self.inflora_memory_form[adapter_name] = torch.tensor(MEMORY_FORM_CODES["basis"], dtype=torch.int64)
         self.inflora_task_ranks[adapter_name] = torch.zeros(0, dtype=torch.int64)
+        self.inflora_energy_thresholds[adapter_name] = torch.zeros(0, dtype=torch.float32)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -126,6 +131,10 @@ class InfLoRALayer(BaseTunerLayer):
 
     def tasks_done(self, adapter_name: str) -> int:
         return int(self.inflora_task_ranks[adapter_name].numel())
+
+    def energy_thresholds(self, adapter_name: str) -> list[float]:
+        """The energy threshold each finished task's memory update used, in task order."""
+        return [float(t) for t in self.inflora_energy_thresholds[adapter_name].tolist()]
 
     def get_memory(self, adapter_name: str) -> Memory:
         """The layer's memory as a float64 :class:`Memory`."""
@@ -168,9 +177,10 @@ class InfLoRALayer(BaseTunerLayer):
         )
 
     @torch.no_grad()
-    def fold_task(self, adapter_name: str) -> None:
+    def fold_task(self, adapter_name: str, energy_threshold: float = float("nan")) -> None:
         """Move the finished task's branch into the past: ``past_A <- [past_A, A_t]``, ``past_B <- [past_B; B_t]``;
-        with ``fold="base"`` also ``W <- W + A_t B_t``. Exact: the layer's output does not change."""
+        with ``fold="base"`` also ``W <- W + A_t B_t``. Exact: the layer's output does not change. The energy
+        threshold of the task's memory update is recorded with its rank."""
         if self.merged:
             raise RuntimeError("Cannot end a task while the adapter is merged: call `unmerge_adapter()` first.")
         A = self.inflora_A[adapter_name].detach()
@@ -182,6 +192,9 @@ class InfLoRALayer(BaseTunerLayer):
         self.inflora_past_B[adapter_name] = torch.cat([past_B, B.to(past_B.dtype)], dim=0).contiguous()
         ranks = self.inflora_task_ranks[adapter_name]
         self.inflora_task_ranks[adapter_name] = torch.cat([ranks, ranks.new_tensor([A.shape[1]])])
+        thresholds = self.inflora_energy_thresholds[adapter_name]
+        self.inflora_energy_thresholds[adapter_name] = torch.cat([thresholds,
+                                                                  thresholds.new_tensor([energy_threshold])])
         self.clear_branch(adapter_name)
 
     def _add_to_base_weight(self, A: torch.Tensor, B: torch.Tensor, sign: float) -> None:

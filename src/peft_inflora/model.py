@@ -12,10 +12,11 @@ leaves the adapter as it was.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, _get_submodules
@@ -24,9 +25,19 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear
+from .sketch import sketch_size
 from .statistics import InputGroup, collect_statistics
-from .subspace import Memory, design_eigen, design_random, energy_threshold, update_memory
+from .subspace import (
+    Memory,
+    captured_energy_ratio,
+    design_eigen,
+    design_random,
+    energy_threshold,
+    memory_capacity,
+    update_memory,
+)
 
 
 class SubspaceExhaustedError(ValueError):
@@ -43,13 +54,35 @@ class SubspaceWarning(UserWarning):
 
 @dataclass
 class LayerCapacity:
-    """One input group's memory after the tasks done so far."""
+    """One adapted layer's memory after the tasks done so far.
+
+    ``free_dimension = d_in - memory_dimension`` directions are left for the ``B_t`` of later tasks; the next task
+    gets its full ``rank`` only while ``free_dimension >= rank`` (:attr:`can_host_next_task`).
+    ``energy_thresholds`` holds the threshold each finished task's memory update used (below the configured
+    schedule where ``adaptive_threshold`` capped the memory to keep room for the remaining tasks)."""
 
     layers: list[str]
     d_in: int
     memory_dimension: int
     free_dimension: int
     memory_form: str
+    rank: int = 0
+    tasks_done: int = 0
+    energy_thresholds: list[float] = field(default_factory=list)
+
+    @property
+    def energy_threshold(self) -> Optional[float]:
+        """The threshold of the last finished task (``None`` before the first)."""
+        return self.energy_thresholds[-1] if self.energy_thresholds else None
+
+    @property
+    def can_host_next_task(self) -> bool:
+        return self.free_dimension >= self.rank
+
+    @property
+    def tasks_at_full_rank(self) -> int:
+        """How many more tasks find ``rank`` free directions if each adds ``rank`` directions to the memory."""
+        return self.free_dimension // self.rank if self.rank > 0 else 0
 
 
 @dataclass
@@ -263,13 +296,17 @@ class InfLoRAModel(BaseTuner):
         return layers
 
     def _statistics(self, adapter_name: str, layers: Mapping[str, InfLoRALayer], batches: Iterable,
-                    desc: str, progress: bool) -> list[InputGroup]:
+                    desc: str, progress: bool, exact: bool = False) -> list[InputGroup]:
+        """Statistics pass with the config's settings; ``exact=True`` keeps the exact covariance even when
+        ``statistics_sketch`` is set (the interference report needs ``X^T X`` itself)."""
         config = self.peft_config[adapter_name]
         dtype = torch.float64 if config.statistics_dtype == "float64" else torch.float32
         return collect_statistics(self.model, layers, batches, dtype=dtype,
                                   share_inputs=config.share_input_statistics,
                                   max_batches=config.statistics_max_batches,
-                                  max_tokens=config.statistics_max_tokens, desc=desc, progress=progress)
+                                  max_tokens=config.statistics_max_tokens,
+                                  sketch=None if exact else sketch_size(config.statistics_sketch), desc=desc,
+                                  progress=progress)
 
     # ------------------------------------------------------------------ lifecycle
     def begin_task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
@@ -373,17 +410,26 @@ class InfLoRAModel(BaseTuner):
             )
         done = self.tasks_done(name)
         threshold = energy_threshold(config.energy_threshold, done, config.total_tasks)
+        tasks_left = config.total_tasks - done - 1 if config.adaptive_threshold else None
         groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: memory", progress)
         memories: dict[str, Memory] = {}
+        used: dict[str, float] = {}
         for group in groups:
             memory = layers[group.leader].get_memory(name)
-            new_memory = update_memory(memory, group.accumulator.covariance(), threshold, kind=config.memory,
-                                       energy=config.energy, solver=config.solver)
+            covariance = group.accumulator.covariance()
+            cap = None
+            if tasks_left is not None:
+                cap = memory_capacity(memory.d_in, max(layers[n].r[name] for n in group.names), tasks_left)
+            new_memory = update_memory(memory, covariance, threshold, kind=config.memory, energy=config.energy,
+                                       solver=config.solver, max_dimension=cap)
+            group_threshold = threshold
+            if cap is not None and new_memory.dimension >= cap:  # capped: the energy the memory really keeps
+                group_threshold = min(threshold, captured_energy_ratio(new_memory, covariance, config.energy))
             for n in group.names:
-                memories[n] = new_memory
+                memories[n], used[n] = new_memory, group_threshold
         for n, layer in layers.items():
             layer.set_memory(name, memories[n])
-            layer.fold_task(name)
+            layer.fold_task(name, energy_threshold=used[n])
         return {n: m.dimension for n, m in memories.items()}
 
     def abort_task(self, adapter_name: Optional[str] = None) -> None:
@@ -396,12 +442,15 @@ class InfLoRAModel(BaseTuner):
             layer.clear_branch(name)
 
     def capacity_report(self, adapter_name: Optional[str] = None) -> list[LayerCapacity]:
-        """Per adapted layer: the memory's dimension and the free dimension left for new tasks."""
+        """Per adapted layer: the memory's dimension, the free dimension left for new tasks, the layer's rank and the
+        energy threshold each finished task used (see :class:`LayerCapacity`)."""
         name = self._resolve_adapter(adapter_name)
         report = []
         for n, layer in self.inflora_layers(name).items():
             memory = layer.get_memory(name)
-            report.append(LayerCapacity([n], memory.d_in, memory.dimension, memory.free_dimension, memory.form))
+            report.append(LayerCapacity([n], memory.d_in, memory.dimension, memory.free_dimension, memory.form,
+                                        rank=layer.r[name], tasks_done=layer.tasks_done(name),
+                                        energy_thresholds=layer.energy_thresholds(name)))
         return report
 
     def interference_report(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
@@ -424,7 +473,8 @@ class InfLoRAModel(BaseTuner):
         model), ``X`` is what every adapted layer reads on the old task before training, so this bounds how far
         training the new task moves each adapted layer's outputs on it (for inputs that reach it unchanged; layers
         further down also see the change of the layers above). With ``energy_threshold=1.0`` the memory spans the
-        old tasks' inputs and the leakage is 0 up to float error.
+        old tasks' inputs and the leakage is 0 up to float error. This pass keeps the exact ``d_in x d_in`` statistics
+        even when ``statistics_sketch`` is set.
 
         Raises:
             TaskLifecycleError: no task is in progress (there is no ``B_t`` to measure): call ``begin_task`` first.
@@ -437,7 +487,7 @@ class InfLoRAModel(BaseTuner):
                 f"No task of adapter '{name}' is in progress: the interference report measures the designed B_t of "
                 "the task in progress. Call `begin_task(new_task_batches)` first, then pass an old task's batches."
             )
-        groups = self._statistics(name, layers, batches, "InfLoRA interference", progress)
+        groups = self._statistics(name, layers, batches, "InfLoRA interference", progress, exact=True)
         report = []
         for group in groups:
             S = group.accumulator.sum.to(torch.float64)  # X^T X
@@ -456,6 +506,61 @@ class InfLoRAModel(BaseTuner):
                                             int(group.accumulator.count.item()), input_sq ** 0.5, design_norm,
                                             leakage))
         return report
+
+    # ------------------------------------------------------------------ export
+    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None, rank: Optional[int] = None,
+                adapter_name: Optional[str] = None, overwrite: bool = False) -> LoraExport:
+        """Export the finished tasks as a plain PEFT LoRA adapter, relative to the pristine base model.
+
+        Per adapted layer the finished tasks add ``dW = past_A past_B`` (``d_out x R`` times ``R x d_in``). Exact
+        (``rank=None``): ``lora_B = past_A``, ``lora_A = past_B``, LoRA rank ``R`` with ``lora_alpha = R`` (scaling
+        1). ``rank=k``: the best rank-``k`` approximation of ``dW`` (SVD from QRs of the factors), with the relative
+        Frobenius error ``||dW - dW_k||_F / ||dW||_F`` reported per layer. Both ``fold`` modes export the same
+        update. The result loads with ``PeftModel.from_pretrained(base_model, save_directory)`` of plain ``peft``,
+        without ``peft_inflora``. See :mod:`peft_inflora.export`.
+
+        Args:
+            save_directory: if given, write ``adapter_config.json`` and ``adapter_model.safetensors`` there
+                (as :meth:`LoraExport.save_pretrained`).
+            rank: ``None`` for the exact export, else the largest rank per layer (an int >= 1).
+            adapter_name: the adapter (defaults to the active one).
+            overwrite: replace an adapter already in ``save_directory``.
+
+        Returns:
+            The :class:`LoraExport`: ``config`` (``LoraConfig``), ``state_dict`` (PEFT's saved keys), ``layers``
+            (per layer: ranks, ``relative_error``, singular values of ``dW``).
+
+        Raises:
+            TaskLifecycleError: a task is in progress (call ``end_task`` or ``abort_task`` first), or no task is
+                finished.
+            ValueError: bad ``rank``, several active adapters and no ``adapter_name``, an unknown adapter, NaN / inf
+                in the finished tasks.
+            FileExistsError: ``save_directory`` already holds an adapter (pass ``overwrite=True``) or is a file.
+
+        Every check runs before anything is written.
+        """
+        name = self._resolve_adapter(adapter_name)
+        check_export_rank(rank)
+        if save_directory is not None:
+            check_save_directory(save_directory, overwrite)
+        layers = self.inflora_layers(name)
+        if not layers:
+            raise ValueError(f"Adapter '{name}' adapts no layer: there is nothing to export.")
+        if self.task_in_progress(name):
+            raise TaskLifecycleError(
+                f"Task {self.tasks_done(name) + 1} of adapter '{name}' is in progress: the LoRA export holds finished "
+                "tasks only. Call `end_task(batches)` to keep the task or `abort_task()` to discard it, then "
+                "`to_lora`. Nothing was written."
+            )
+        if self.tasks_done(name) == 0:
+            raise TaskLifecycleError(
+                f"Adapter '{name}' has no finished task: there is nothing to export. Learn a task with "
+                "`begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
+            )
+        export = export_to_lora(self.model, layers, name, self.peft_config[name], rank=rank)
+        if save_directory is not None:
+            export.save_pretrained(save_directory, overwrite=overwrite)
+        return export
 
     # ------------------------------------------------------------------ unloading
     def unload(self) -> nn.Module:
@@ -500,7 +605,8 @@ class InfLoRAModel(BaseTuner):
             fixed = {"inflora_A": (0, module.out_features), "inflora_B": (1, module.in_features),
                      "inflora_past_A": (0, module.out_features), "inflora_past_B": (1, module.in_features),
                      "inflora_memory": (0, module.in_features)}.get(attr)
-            ndim = 0 if attr == "inflora_memory_form" else 1 if attr == "inflora_task_ranks" else 2
+            ndim = 0 if attr == "inflora_memory_form" else 1 if attr in ("inflora_task_ranks",
+                                                                          "inflora_energy_thresholds") else 2
             if tensor.dim() != ndim or (fixed is not None and tensor.shape[fixed[0]] != fixed[1]):
                 raise ValueError(
                     f"{where}: '{key}' has shape {tuple(tensor.shape)} but the base model's layer is "
@@ -518,6 +624,7 @@ class InfLoRAModel(BaseTuner):
                 get("inflora_A").shape[1] == get("inflora_B").shape[0]
                 and get("inflora_past_A").shape[1] == get("inflora_past_B").shape[0]
                 and int(get("inflora_task_ranks").sum()) == get("inflora_past_B").shape[0]
+                and get("inflora_energy_thresholds").numel() == get("inflora_task_ranks").numel()
                 and bool((get("inflora_task_ranks") >= 0).all())
                 and int(get("inflora_memory_form")) in (0, 1)
                 and get("inflora_memory").shape[1] <= module.in_features

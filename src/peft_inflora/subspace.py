@@ -48,6 +48,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .sketch import LowRankCovariance, SketchWarning
+
 __all__ = [
     "MEMORY_FORMS",
     "MEMORY_KINDS",
@@ -440,6 +442,44 @@ def _sign_fix_rows(B: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# Sketched statistics (peft_inflora.sketch): design and memory candidates from C_hat = V diag(lambda) V^T
+# --------------------------------------------------------------------------------------------
+def _low_rank_design(cov: LowRankCovariance, memory: Memory, r: int, scale: float, rtol: float) -> torch.Tensor:
+    """Eigen design from a sketched covariance: the top-r left singular vectors of ``Q C_hat``, which are those of
+    the ``d x m`` matrix ``Q V diag(lambda)`` (:meth:`LowRankCovariance.projected`); usable directions as in
+    :func:`design_eigen`, with ``sigma_max(C) ~ lambda_1``."""
+    U, s = cov.projected(memory.to(dtype=_F64, device=cov.device), "squared")
+    smax = cov.largest_eigenvalue
+    usable = int((s > rtol * smax).sum()) if smax > 0 else 0
+    r_t = min(r, usable, memory.free_dimension)
+    if r_t > 0:
+        U = _clean_directions(memory.to(dtype=_F64, device=cov.device), U[:, :r_t])
+    return _sign_fix_rows(U[:, :r_t].T.contiguous()) * scale
+
+
+def _low_rank_candidates(mem: Memory, cov: LowRankCovariance, energy: str, threshold: float, total: float,
+                         residual: float) -> Tuple[Tuple[torch.Tensor, torch.Tensor], float]:
+    """Candidate directions ``(U, e)`` of the memory update from a sketched covariance (``e = s^2`` of
+    :meth:`LowRankCovariance.projected`) and ``sigma_max`` of the data matrix (``lambda_1`` for squared energy,
+    ``sqrt(lambda_1)`` for linear). Warns (:class:`~peft_inflora.sketch.SketchWarning`) when the residual the
+    sketch could not keep makes the threshold unreachable: ``(total - residual) / total < threshold``."""
+    U, s = cov.projected(mem, energy)
+    lam_max = cov.largest_eigenvalue
+    smax = lam_max if energy == "squared" else math.sqrt(max(lam_max, 0.0))
+    reachable = (total - residual) / total
+    if threshold < 1.0 and reachable < threshold:
+        warnings.warn(
+            f"The statistics sketch ({cov.basis.shape[1]} directions) holds {reachable:.4f} of this layer's "
+            f"{energy} input energy, below the energy threshold {threshold:.4f}: the memory takes every "
+            "non-negligible direction of the sketch and still keeps less than the threshold. Raise "
+            "`statistics_sketch` (or set it to None for the exact covariance).",
+            SketchWarning,
+            stacklevel=3,
+        )
+    return (U, s * s), smax
+
+
+# --------------------------------------------------------------------------------------------
 # Solvers of the top eigenproblems: exact (dense LAPACK) or randomized (block subspace iteration)
 # --------------------------------------------------------------------------------------------
 SOLVERS = ("auto", "exact", "randomized")
@@ -672,6 +712,17 @@ def _randomized_candidates(memory: Memory, C: torch.Tensor, energy: str, need: f
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
+def memory_capacity(d_in: int, rank: int, tasks_left: int) -> int:
+    r"""Largest memory dimension that still leaves room for the remaining tasks (``adaptive_threshold``).
+
+    After a task, with ``tasks_left`` tasks still to learn at rank ``r`` each in a layer of ``d_in`` input
+    features, the memory may span at most ``d_in - r * tasks_left`` dimensions: every later task then finds ``r``
+    free directions for its ``B_t`` even if each of them adds ``r`` directions to the memory in turn (a task's own
+    branch directions are what its memory update usually keeps). Never negative.
+    """
+    return max(int(d_in) - int(rank) * max(int(tasks_left), 0), 0)
+
+
 def energy_threshold(lamb: float, task_index: int, total_tasks: Optional[int] = None) -> float:
     r"""Energy threshold of task ``t`` (0-based): ``eps_t = lamb + (1 - lamb) * t / T``.
 
@@ -726,11 +777,19 @@ def design_eigen(
     instead of O(d_in^3); start block from ``generator``, seed 0 when None, so it is deterministic) or "auto"
     (exact up to ``AUTO_EXACT_MAX_DIM`` input features). The randomized solver falls back to the exact one
     when the free space is smaller than twice its block.
+
+    ``covariance`` may also be a :class:`~peft_inflora.sketch.LowRankCovariance` (``statistics_sketch``):
+    ``C_hat = V diag(lambda) V^T``, V [d_in, m]. The rows are then the top-r left singular vectors of the
+    ``d_in x m`` matrix ``Q V diag(lambda)`` (``Q C_hat`` without the factor ``V^T``, which has orthonormal rows),
+    ``sigma_max(C)`` is taken as ``lambda_1`` and ``solver`` is not used (the problem is d_in x m); at most m rows.
     """
     memory = _check_memory(memory)
     r = _check_r(r)
     scale = _check_scale(scale)
     rtol = _check_rtol(rtol)
+    if isinstance(covariance, LowRankCovariance):
+        _check_solver(solver)
+        return _low_rank_design(covariance.checked(memory.d_in), memory, r, scale, rtol)
     C = _check_covariance(covariance, memory)
 
     if resolve_solver(solver, memory.d_in) == "randomized":
@@ -788,6 +847,7 @@ def update_memory(
     rtol: float = 1e-6,
     solver: str = "auto",
     generator: Optional[torch.Generator] = None,
+    max_dimension: Optional[int] = None,
 ) -> Memory:
     r"""GPM / DualGPM memory update after a task; returns a new float64 Memory (the input is not modified).
 
@@ -804,7 +864,10 @@ def update_memory(
     * otherwise: unchanged if ``captured / total >= threshold``, else add the smallest j leading
       directions with ``(captured + e_1 + ... + e_j) / total >= threshold``;
     * ``threshold == 1``: add every non-negligible direction;
-    * never more directions than are non-negligible.
+    * never more directions than are non-negligible;
+    * ``max_dimension`` (capacity planning, ``adaptive_threshold``): never more than ``max_dimension`` in total,
+      i.e. at most ``max(max_dimension - dim M, 0)`` new directions, the leading ones (the memory then keeps less
+      than ``threshold`` of the energy: :func:`captured_energy_ratio` gives how much).
 
     Storage (``kind``): "gpm" always returns form "basis" with ``M_new = [M, U_j]``; "dualgpm" returns form
     "basis" while the new dimension is <= d_in / 2 and form "complement" (P_new [d_in, d_in - dim]) once
@@ -823,6 +886,17 @@ def update_memory(
     which the energies found predict early, it falls back to one dense eigh of the Gram matrix ``(Q C)(Q C)^T``
     (squared energy) or of ``Q C Q`` (linear).
 
+    ``covariance`` may also be a :class:`~peft_inflora.sketch.LowRankCovariance` (``statistics_sketch``):
+    candidates and energies are those of ``C_hat = V diag(lambda) V^T`` (left singular vectors of the d_in x m
+    matrix ``Q V diag(lambda)``, resp. ``Q V diag(sqrt(lambda))`` for linear energy; ``solver`` is not used), and
+    the energy the sketch could not keep is counted as energy outside the memory that no candidate holds
+    (:meth:`~peft_inflora.sketch.LowRankCovariance.energy_totals`: ``total = ||C_hat||_F^2 + delta t_res >=
+    ||C||_F^2`` for squared energy, the exact ``tr(C)`` for linear). The ratios above are therefore never
+    overestimated: the update keeps at least the directions the threshold asks of the sketched energy, often a few
+    more. If ``1 - residual / total < threshold`` the threshold cannot be reached and every non-negligible sketch
+    direction is added, with a :class:`~peft_inflora.sketch.SketchWarning`. Data of rank <= ell: the same memory
+    as the exact covariance.
+
     Raises ValueError for a non-square covariance or one that does not match ``memory.d_in``, NaN/inf
     statistics, zero covariance, threshold outside (0, 1], unknown kind, energy or solver.
     """
@@ -836,12 +910,16 @@ def update_memory(
     energy = _check_energy(energy)
     rtol = _check_rtol(rtol)
     solver = resolve_solver(solver, memory.d_in)
-    C = _check_covariance(covariance, memory)
+    low_rank = isinstance(covariance, LowRankCovariance)
+    C = covariance.checked(memory.d_in) if low_rank else _check_covariance(covariance, memory)
     mem = memory.to(dtype=_F64, device=C.device)
     # a basis stored in low precision is orthonormal only up to its round-off: clean it in float64 first
     mem = Memory(_reorthonormalise(mem.basis), mem.form)
 
-    total, outside = _energy_totals(mem, C, energy)
+    if low_rank:
+        total, outside, residual = C.energy_totals(mem, energy)
+    else:
+        total, outside = _energy_totals(mem, C, energy)
     if not total > 0.0:
         raise _zero_energy_error(total)
     captured = total - outside
@@ -850,7 +928,9 @@ def update_memory(
         return _store(mem, mem.basis.new_zeros(mem.d_in, 0), kind)
 
     candidates = None
-    if solver == "randomized":
+    if low_rank:
+        candidates, smax = _low_rank_candidates(mem, C, energy, threshold, total, residual)
+    elif solver == "randomized":
         generator = _default_generator(generator)
         lam_max = _largest_eigenvalue(C, generator)
         smax = lam_max if energy == "squared" else math.sqrt(max(lam_max, 0.0))
@@ -891,6 +971,8 @@ def update_memory(
         reached = torch.nonzero(ratios >= threshold)
         j = int(reached[0, 0]) + 1 if reached.numel() > 0 else n_nonneg
     j = min(j, n_nonneg)
+    if max_dimension is not None:
+        j = min(j, max(int(max_dimension) - mem.dimension, 0))
     return _store(mem, U[:, :j], kind)
 
 

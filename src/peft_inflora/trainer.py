@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from transformers.trainer_utils import set_seed
 
 from .hub import HubPushError, task_revision_names
 from .metrics import RESULT_FILE, ContinualResult
+from .model import SubspaceWarning
 
 TASK_TYPES = ("class_incremental", "task_incremental", "generation")
 LOSS_CLASSES = ("task", "seen")
@@ -367,6 +369,8 @@ class ContinualTrainer(Trainer):
                 if self.is_inflora:
                     peft_model.end_task(self.get_train_dataloader(), progress=self._show_progress)
                 stats_seconds += time.perf_counter() - t0
+                if self.is_inflora:
+                    self._report_capacity(index, len(tasks))
                 self._task_classes, self._frozen_head = None, None
                 row = [self._evaluate_task(tasks[j], prepared[j][1], seen=index) for j in range(index + 1)]
                 self.continual_result.add_row(row, train_seconds=train_seconds, statistics_seconds=stats_seconds)
@@ -383,6 +387,49 @@ class ContinualTrainer(Trainer):
         if self.push_task_revisions:
             self._push_sequence_end(names)
         return self.continual_result
+
+    def _report_capacity(self, index: int, n_tasks: int) -> None:
+        """After task ``index`` (0-based) of ``n_tasks``: log the memory's fill (``capacity_report``) and warn, with
+        numbers, when some layer will not have ``r`` free directions for every remaining task.
+
+        Projection per layer: the memory grew by ``g = memory_dimension / tasks_done`` directions per task so far;
+        the next task gets rank ``r`` while ``free >= r``, so about ``1 + (free - r) // g`` more tasks get their full
+        rank (all of them when ``g = 0``). With ``adaptive_threshold`` the memory's growth is capped so that
+        ``free >= r * tasks_left`` after every task: ``free // r`` tasks fit."""
+        report = self.peft_model.capacity_report()
+        remaining = n_tasks - index - 1
+        self.continual_result.extra.setdefault("capacity", []).append(
+            {c.layers[0]: [c.memory_dimension, c.free_dimension, c.energy_threshold] for c in report})
+        self.log({"continual/min_free_dimension": min(c.free_dimension for c in report),
+                  "continual/max_memory_fraction": max(c.memory_dimension / c.d_in for c in report)})
+        if remaining <= 0:
+            return
+        config = self.peft_model.peft_config[self.peft_model.active_adapter]
+        short = []
+        for c in report:
+            growth = c.memory_dimension / max(c.tasks_done, 1)
+            if c.free_dimension < c.rank:
+                fits = 0
+            elif config.adaptive_threshold:
+                fits = c.free_dimension // c.rank
+            else:
+                fits = remaining if growth == 0 else 1 + int((c.free_dimension - c.rank) // growth)
+            if fits < remaining:
+                short.append((fits, c, growth))
+        if not short:
+            return
+        fits, c, growth = min(short, key=lambda item: item[0])
+        advice = ("lower `energy_threshold`" if config.adaptive_threshold else
+                  "set `adaptive_threshold=True` (with `total_tasks`) or lower `energy_threshold`")
+        now = (f"it has only {c.free_dimension} free directions, fewer than r={c.rank}: the next task gets rank "
+               f"{c.free_dimension} there" if fits == 0 else
+               f"its memory grew by {growth:.1f} directions per task, so only about {fits} of the {remaining} "
+               f"remaining tasks will find r={c.rank} free directions")
+        warnings.warn(
+            f"InfLoRA capacity after task {index + 1} ('{self.continual_result.task_names[index]}'): in "
+            f"{len(short)} adapted layer(s), e.g. '{c.layers[0]}' (memory {c.memory_dimension} of {c.d_in} "
+            f"dimensions, threshold {c.energy_threshold:.4f}), {now}. To keep room for later tasks, {advice}.",
+            SubspaceWarning, stacklevel=2)
 
     def _method_name(self) -> str:
         """The label of this run in tables, plots and the JSON: "InfLoRA", or e.g. "sequential LORA" for a baseline."""
