@@ -11,6 +11,7 @@ from .config import (
     UnknownConfigFieldError,
     check_adapter_weights,
 )
+from .export import ExportedLayer, LoraExport
 from .layer import InfLoRALayer, Linear, NoTaskInProgressError
 from .model import (
     InfLoRAModel,
@@ -35,6 +36,7 @@ __all__ = [
     "ContinualResult",
     "ContinualTask",
     "ContinualTrainer",
+    "ExportedLayer",
     "tokenize_instruction_dataset",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "InfLoRAModel",
     "LayerCapacity",
     "LayerInterference",
+    "LoraExport",
     "Linear",
     "NoTaskInProgressError",
     "StatisticsError",

@@ -1,0 +1,378 @@
+"""Export the finished tasks of an InfLoRA adapter as a plain PEFT LoRA adapter (``LoraConfig``).
+
+For an adapted layer ``W`` (``d_out x d_in``) the finished tasks add one low-rank update
+
+    dW = past_A @ past_B        past_A: (d_out, R),  past_B: (R, d_in),  R = sum_j r_j
+
+which is exactly what a LoRA layer adds, ``scaling * lora_B @ lora_A`` with ``lora_B`` ``(d_out, r)`` and ``lora_A``
+``(r, d_in)``. So:
+
+* **exact** (``rank=None``): ``lora_A = past_B``, ``lora_B = past_A``, ``r = R`` and ``lora_alpha = R`` (scaling 1);
+  layers whose ``R`` differs from the most common one get ``rank_pattern`` / ``alpha_pattern`` entries.
+* **truncated** (``rank=k``): the best rank-``k`` approximation of ``dW`` (Eckart-Young), computed from the factors
+  without forming ``dW``: ``past_A = Q1 R1`` and ``past_B^T = Q2 R2`` (reduced QR, ``R1`` ``(a, R)``, ``R2``
+  ``(b, R)``, ``a = min(d_out, R)``, ``b = min(d_in, R)``), ``R1 R2^T = U diag(s) V^T`` (SVD of an ``a x b`` matrix),
+  so ``dW = (Q1 U) diag(s) (Q2 V)^T`` and the singular values of ``dW`` are ``s``. Keeping the top ``k' = min(k, len(s))``
+  and splitting ``s`` evenly between the factors::
+
+      lora_B = Q1 U_k' diag(sqrt(s_k'))         (d_out, k')
+      lora_A = diag(sqrt(s_k')) V_k'^T Q2^T     (k', d_in)
+      relative error = ||dW - lora_B lora_A||_F / ||dW||_F = sqrt(sum_{i > k'} s_i^2) / sqrt(sum_i s_i^2)
+
+  (0.0 when ``dW = 0``).
+
+The export is relative to the *pristine* base model, for ``fold="adapter"`` and ``fold="base"`` alike: the finished
+tasks' factors are stored in the adapter in both cases. Factors are written in float32 (computed in float64 when
+truncating). Layers with ``R = 0`` are left out. ``target_modules`` lists the exported modules by full name (an
+anchored regex instead, if some other module of the model would also match a listed name), ``fan_in_fan_out`` is kept
+(GPT-2 ``Conv1D``), and the adapter's ``modules_to_save`` copies (e.g. a trained classifier head) are written in the
+key format PEFT saves them in, so ``PeftModel.from_pretrained(base_model, folder)`` of plain ``peft`` loads the result
+with no ``peft_inflora`` installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import numbers
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_pattern_key
+from safetensors.torch import save_file
+from torch import nn
+
+from .layer import InfLoRALayer
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+# files whose presence means a folder already holds a PEFT adapter
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, "adapter_model.bin")
+# PeftModel saves the keys of the wrapped model under this prefix
+PEFT_KEY_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class ExportedLayer:
+    """One adapted layer in a LoRA export.
+
+    Attributes:
+        name: module name in the base model (the key in ``target_modules``).
+        source_rank: ``R``, the summed rank of the finished tasks' branches (columns of ``past_A``).
+        rank: rank of the exported LoRA factors: ``R`` (exact), or ``min(k, len(singular_values))`` (truncated).
+        relative_error: ``||dW - lora_B lora_A||_F / ||dW||_F`` of the truncation, from the singular values in
+            float64 (0.0 for the exact export and when ``dW = 0``). The float32 rounding of the written factors adds
+            about 1e-7 relative on top.
+        singular_values: the singular values of ``dW = past_A past_B``, float64, descending (``min(d_out, d_in, R)``
+            of them): what truncating to any rank would keep (the spectrum to choose ``rank`` from).
+        fan_in_fan_out: the base layer stores its weight as ``(d_in, d_out)`` (transformers' ``Conv1D``).
+    """
+
+    name: str
+    source_rank: int
+    rank: int
+    relative_error: float
+    singular_values: torch.Tensor = field(repr=False)
+    fan_in_fan_out: bool = False
+
+
+@dataclass
+class LoraExport:
+    """A LoRA adapter equal to (or, truncated, the best low-rank approximation of) an InfLoRA adapter's finished
+    tasks, made by :meth:`InfLoRAModel.to_lora`.
+
+    Attributes:
+        config: the ``peft.LoraConfig`` (``lora_alpha == r`` per layer: scaling 1, like InfLoRA's branches).
+        state_dict: the adapter's tensors with the keys ``PeftModel.save_pretrained`` writes
+            (``base_model.model.<module>.lora_A.weight`` ``(r, d_in)``, ``...lora_B.weight`` ``(d_out, r)``, float32,
+            and the ``modules_to_save`` copies as ``base_model.model.<module>.<parameter>``), on the CPU.
+        layers: per exported module name, its :class:`ExportedLayer` (ranks, truncation error, spectrum).
+        adapter_name: the InfLoRA adapter this was exported from.
+        tasks: number of finished tasks the export holds.
+    """
+
+    config: LoraConfig
+    state_dict: dict[str, torch.Tensor]
+    layers: dict[str, ExportedLayer]
+    adapter_name: str
+    tasks: int
+
+    @property
+    def exact(self) -> bool:
+        """True when every layer kept its full rank ``R`` with no truncation error."""
+        return all(layer.rank == layer.source_rank and layer.relative_error == 0.0 for layer in self.layers.values())
+
+    @property
+    def relative_errors(self) -> dict[str, float]:
+        """``||dW - dW_k||_F / ||dW||_F`` per exported module (0.0 for every layer of an exact export)."""
+        return {name: layer.relative_error for name, layer in self.layers.items()}
+
+    @property
+    def max_relative_error(self) -> float:
+        return max(self.relative_errors.values(), default=0.0)
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], overwrite: bool = False) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory`` (created if
+        needed), the files ``PeftModel.from_pretrained(base_model, save_directory)`` of plain ``peft`` reads.
+
+        Both files are written to a temporary folder next to ``save_directory`` first and then moved in, so a failure
+        leaves no half-written adapter. Other files in the folder are left alone.
+
+        Raises:
+            FileExistsError: the folder already holds an adapter (``adapter_config.json`` / ``adapter_model.*``) and
+                ``overwrite`` is False, or ``save_directory`` is a file.
+        """
+        directory = check_save_directory(save_directory, overwrite)
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".lora-export-", dir=parent)
+        try:
+            self.config.save_pretrained(staging)
+            save_file(self.state_dict, os.path.join(staging, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+            os.makedirs(directory, exist_ok=True)
+            for name in (SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME):  # the config last: it marks the folder as an adapter
+                os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_export_rank(rank: Any) -> Optional[int]:
+    """``rank`` as an int (``None``: exact export). Raises ``ValueError`` for anything but an int >= 1."""
+    if rank is None:
+        return None
+    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(
+            f"rank must be an int >= 1 (the largest rank per layer of the exported LoRA) or None for the exact export "
+            f"(rank = sum of the task ranks), got {rank!r}. Nothing was written."
+        )
+    return int(rank)
+
+
+def check_save_directory(save_directory: Union[str, os.PathLike], overwrite: bool) -> str:
+    """The folder to write an export into, as a str. Raises ``TypeError`` for a non-path, ``FileExistsError`` when
+    it is a file or already holds an adapter (unless ``overwrite``)."""
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a folder path (str or os.PathLike), got {save_directory!r}.")
+    directory = os.fspath(save_directory)
+    if not directory:
+        raise ValueError("save_directory must not be empty: give the folder to write the LoRA adapter into.")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(
+            f"save_directory '{directory}' is a file, not a folder: give a new or empty folder for the LoRA adapter. "
+            "Nothing was written."
+        )
+    present = [name for name in ADAPTER_FILES if os.path.exists(os.path.join(directory, name))]
+    if present and not overwrite:
+        raise FileExistsError(
+            f"'{directory}' already holds an adapter ({', '.join(present)}): give another folder, or pass "
+            "overwrite=True to replace it. Nothing was written."
+        )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------- math
+@torch.no_grad()
+def spectrum_of_product(past_A: torch.Tensor, past_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of ``dW = past_A @ past_B`` from QRs of the factors, without forming ``dW`` (``d_out x d_in``).
+
+    Args:
+        past_A: ``(d_out, R)``.
+        past_B: ``(R, d_in)``.
+
+    Returns:
+        ``(left, s, right)``, float64 on the CPU, with ``dW = left @ diag(s) @ right`` up to rounding: ``left`` ``(d_out, m)``
+        and ``right`` ``(m, d_in)`` with orthonormal columns / rows, ``s`` ``(m,)`` descending, ``m = min(a, b)``,
+        ``a = min(d_out, R)``, ``b = min(d_in, R)``.
+    """
+    # on the CPU: the factors are thin (R columns / rows), and float64 is not available on every accelerator
+    A = past_A.detach().to(device="cpu", dtype=torch.float64)
+    B = past_B.detach().to(device="cpu", dtype=torch.float64)
+    q1, r1 = torch.linalg.qr(A)  # (d_out, a), (a, R)
+    q2, r2 = torch.linalg.qr(B.T)  # (d_in, b), (b, R)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)  # (a, m), (m,), (m, b)
+    return q1 @ u, s, vh @ q2.T
+
+
+def relative_truncation_error(singular_values: torch.Tensor, rank: int) -> float:
+    """``sqrt(sum_{i >= rank} s_i^2) / sqrt(sum_i s_i^2)`` (0-based ``i``; 0.0 when all ``s`` are 0)."""
+    s = singular_values.to(torch.float64)
+    total = float((s * s).sum())
+    if total == 0.0:
+        return 0.0
+    tail = float((s[rank:] * s[rank:]).sum())
+    return math.sqrt(tail / total)
+
+
+@torch.no_grad()
+def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int] = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """LoRA factors of one layer's finished tasks.
+
+    Args:
+        past_A: ``(d_out, R)``, the stacked ``A_j``.
+        past_B: ``(R, d_in)``, the stacked ``B_j``.
+        rank: ``None``: exact (``lora_A = past_B``, ``lora_B = past_A``); an int ``k >= 1``: the best rank
+            ``min(k, m)`` approximation (see the module docstring).
+
+    Returns:
+        ``(lora_A, lora_B, singular_values, relative_error)``: ``lora_A`` ``(r, d_in)`` and ``lora_B`` ``(d_out, r)``
+        float32 on the CPU with ``lora_B @ lora_A ~= dW``; the float64 singular values of ``dW``; the relative
+        Frobenius error of the truncation (0.0 when exact).
+    """
+    left, s, right = spectrum_of_product(past_A, past_B)
+    if rank is None:
+        lora_A, lora_B, error = past_B.detach(), past_A.detach(), 0.0
+    else:
+        k = min(rank, s.numel())
+        root = s[:k].sqrt()
+        lora_B = left[:, :k] * root[None, :]
+        lora_A = root[:, None] * right[:k]
+        error = relative_truncation_error(s, k)
+    as_saved = lambda t: t.to(device="cpu", dtype=torch.float32).contiguous()  # noqa: E731
+    return as_saved(lora_A), as_saved(lora_B), s.cpu(), error
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _module_names_of_base(model: nn.Module) -> list[str]:
+    """Names of the modules the pristine base model has: those of ``model`` without anything inside a tuner layer
+    or a ``modules_to_save`` wrapper (the names PEFT will match ``target_modules`` against when loading)."""
+    names, inner = [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inner):
+            continue
+        names.append(name)
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            inner.append(name + ".")
+    return names
+
+
+def _targets_resolve(config: LoraConfig, module_names: Iterable[str], ranks: Mapping[str, int]) -> bool:
+    """Whether PEFT's own matching, applied to ``config``, adapts exactly the modules of ``ranks`` with their ranks
+    and scaling 1."""
+    matched = {name for name in module_names if name and check_target_module_exists(config, name)}
+    if matched != set(ranks):
+        return False
+    for name, r in ranks.items():
+        got_r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        got_alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        if got_r != r or got_alpha != r:
+            return False
+    return True
+
+
+def lora_config_for(ranks: Mapping[str, int], module_names: Iterable[str], *, fan_in_fan_out: bool,
+                    modules_to_save: Optional[list[str]], task_type: Any, base_model_name_or_path: Optional[str],
+                    revision: Optional[str]) -> LoraConfig:
+    """The ``LoraConfig`` adapting exactly the modules of ``ranks`` (full names) with those ranks and scaling 1.
+
+    ``r = lora_alpha`` is the most common rank; other layers get ``rank_pattern`` / ``alpha_pattern`` entries. The
+    result is checked with PEFT's own matching against every module name of the base model; if a listed name is also
+    the suffix of another module's name (PEFT matches ``target_modules`` entries as suffixes, pattern keys as regex
+    suffixes), an anchored, escaped regex is used instead.
+    """
+    module_names = list(module_names)
+    counts = collections.Counter(ranks.values())
+    r = max(counts, key=lambda value: (counts[value], value))
+    common = dict(r=r, lora_alpha=r, fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0, bias="none",
+                  init_lora_weights=True, inference_mode=True,
+                  modules_to_save=list(dict.fromkeys(modules_to_save)) if modules_to_save is not None else None,
+                  task_type=task_type, base_model_name_or_path=base_model_name_or_path, revision=revision)
+    others = {name: rank for name, rank in sorted(ranks.items()) if rank != r}
+    config = LoraConfig(target_modules=sorted(ranks), rank_pattern=dict(others), alpha_pattern=dict(others), **common)
+    if _targets_resolve(config, module_names, ranks):
+        return config
+    escaped = {re.escape(name): rank for name, rank in others.items()}
+    regex = "^(?:" + "|".join(re.escape(name) for name in sorted(ranks)) + ")$"
+    config = LoraConfig(target_modules=regex, rank_pattern=dict(escaped), alpha_pattern=dict(escaped), **common)
+    if not _targets_resolve(config, module_names, ranks):  # pragma: no cover - anchored escaped names always resolve
+        raise RuntimeError("Could not express the exported modules as a LoraConfig that targets exactly them.")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- export
+def modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's ``modules_to_save`` copies (e.g. a trained classifier head) with the keys
+    ``PeftModel.save_pretrained`` writes: ``base_model.model.<module>.<parameter>`` (CPU copies).
+
+    Raises:
+        ValueError: the adapter uses another auxiliary wrapper (e.g. trainable tokens), which the export cannot carry.
+    """
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for key, tensor in module.adapter_state_dict(adapter_name, module.state_dict()).items():
+                state[f"{PEFT_KEY_PREFIX}{name}.{key}"] = tensor.detach().to("cpu").clone().contiguous()
+        elif isinstance(module, AuxiliaryTrainingWrapper) and adapter_name in getattr(module, "_adapters", ()):
+            raise ValueError(
+                f"Adapter '{adapter_name}' trains module '{name}' through a {type(module).__name__}, which the LoRA "
+                "export does not carry: only `modules_to_save` copies are exported. Nothing was written."
+            )
+    return state
+
+
+def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter_name: str, peft_config: Any,
+                   rank: Optional[int] = None) -> LoraExport:
+    """Build the LoRA export of ``adapter_name``'s finished tasks (nothing is written; see
+    :meth:`LoraExport.save_pretrained`). The caller checks the continual state (no task in progress, some finished).
+
+    Args:
+        model: the model the InfLoRA layers sit in (``InfLoRAModel.model``), for module names and
+            ``modules_to_save``.
+        layers: the adapter's InfLoRA layers by module name.
+        adapter_name: the InfLoRA adapter.
+        peft_config: its ``InfLoRAConfig`` (``modules_to_save``, ``task_type``, base model name and revision).
+        rank: ``None`` for the exact export, else the largest rank per layer.
+
+    Raises:
+        ValueError: ``rank`` is not an int >= 1, a layer's finished tasks hold NaN or inf, no layer has a finished
+            task, or the adapter uses an auxiliary wrapper other than ``modules_to_save``.
+    """
+    rank = check_export_rank(rank)
+    broken = [name for name, layer in layers.items()
+              if not (torch.isfinite(layer.inflora_past_A[adapter_name]).all()
+                      and torch.isfinite(layer.inflora_past_B[adapter_name]).all())]
+    if broken:
+        raise ValueError(
+            f"The finished tasks of {len(broken)} layer(s) of adapter '{adapter_name}', e.g. '{broken[0]}', hold NaN "
+            "or inf: the adapter is corrupted and cannot be exported. Load it again from its files. Nothing was "
+            "written."
+        )
+    exported: dict[str, ExportedLayer] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        past_A, past_B = layer.inflora_past_A[adapter_name], layer.inflora_past_B[adapter_name]
+        if past_B.shape[0] == 0:
+            continue  # no finished task in this layer: nothing to add, left out of target_modules
+        lora_A, lora_B, s, error = lora_factors(past_A, past_B, rank)
+        exported[name] = ExportedLayer(name=name, source_rank=int(past_B.shape[0]), rank=int(lora_A.shape[0]),
+                                       relative_error=error, singular_values=s,
+                                       fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)))
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = lora_A
+        state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = lora_B
+    if not exported:
+        raise ValueError(
+            f"Adapter '{adapter_name}' has no finished task in any layer: there is nothing to export. Learn a task "
+            "with `begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
+        )
+    state.update(modules_to_save_state(model, adapter_name))
+    fan_in_fan_out = all(layer.fan_in_fan_out for layer in exported.values())
+    config = lora_config_for(
+        {name: layer.rank for name, layer in exported.items()},
+        _module_names_of_base(model),
+        fan_in_fan_out=fan_in_fan_out,
+        modules_to_save=getattr(peft_config, "modules_to_save", None),
+        task_type=getattr(peft_config, "task_type", None),
+        base_model_name_or_path=getattr(peft_config, "base_model_name_or_path", None),
+        revision=getattr(peft_config, "revision", None),
+    )
+    tasks = next(iter(layers.values())).tasks_done(adapter_name)
+    return LoraExport(config=config, state_dict=state, layers=exported, adapter_name=adapter_name, tasks=tasks)
