@@ -12,6 +12,7 @@ from .config import (
     check_adapter_weights,
 )
 from .export import ExportedLayer, LoraExport
+from .hub import HubPushError, task_revision_name, task_revisions
 from .layer import InfLoRALayer, Linear, NoTaskInProgressError
 from .model import (
     InfLoRAModel,
@@ -37,6 +38,7 @@ __all__ = [
     "ContinualTask",
     "ContinualTrainer",
     "ExportedLayer",
+    "HubPushError",
     "tokenize_instruction_dataset",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",
@@ -53,4 +55,6 @@ __all__ = [
     "TaskLifecycleError",
     "UnknownConfigFieldError",
     "check_adapter_weights",
+    "task_revision_name",
+    "task_revisions",
 ]
