@@ -186,6 +186,35 @@ def markdown(result: dict, table: str) -> str:
     return "\n".join(lines)
 
 
+def merge(args) -> dict:
+    """One table from several runs' ``quality.json`` (e.g. one folder per seed): runs of a method are pooled, each
+    (method, seed) at most once."""
+    from peft_inflora import ContinualResult
+    from peft_inflora.metrics import compare_table
+
+    runs: dict[str, list] = {}
+    seeds_of: dict[str, list] = {}
+    task_names, environment = None, None
+    for folder in [f.strip() for f in args.merge.split(",") if f.strip()]:
+        data = __import__("json").loads((Path(folder) / "quality.json").read_text())
+        task_names, environment = data["task_names"], data["environment"]
+        for method, method_runs in data["runs"].items():
+            for seed, run in zip(data["seeds"], method_runs):
+                if seed in seeds_of.setdefault(method, []):
+                    raise ValueError(f"{method} seed {seed} appears in two of the merged folders")
+                seeds_of[method].append(seed)
+                runs.setdefault(method, []).append(run)
+    order = [m for m in METHODS if m in runs] + [m for m in runs if m not in METHODS]
+    runs = {m: runs[m] for m in order}
+    continual = {m: [ContinualResult.from_dict(r) for r in rs] for m, rs in runs.items() if m != "joint LoRA"}
+    seeds = sorted({s for ss in seeds_of.values() for s in ss})
+    result = {"seeds": seeds, "seeds_per_method": {m: seeds_of[m] for m in order}, "methods": order,
+              "task_names": task_names, "runs": runs, "merged_from": args.merge,
+              "environment": {**environment, "quick": False}}
+    C.write_results(args, "quality", result, markdown(result, compare_table(continual)))
+    return result
+
+
 def main(argv=None) -> dict:
     from peft_inflora.metrics import compare_table
 
@@ -193,8 +222,13 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--merge", default=None,
+                   help="comma-separated folders of earlier runs (each with quality.json): combine their runs into "
+                        "one table (mean ± std over all seeds found) instead of training")
     args = p.parse_args(argv)
     C.setup(args)
+    if args.merge:
+        return merge(args)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "OSF" in methods and not has_osf():
