@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import check_adapter_not_sharded, reshard_fsdp_modules
+
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 AUTO_TOKENS_PER_FEATURE = 16
 """``max_tokens="auto"``: a pass reads batches until every input group has seen 16 tokens per input feature (6144
@@ -232,6 +234,7 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
     """
     if max_tokens is not None:
         token_budget(max_tokens, 1)  # validate before running anything
+    check_adapter_not_sharded(layers)  # FSDP must leave A_t whole: begin_task / end_task replace it
     if isinstance(batches, Mapping):
         raise StatisticsError("`batches` is a single batch (a dict): pass an iterable of batches, e.g. [batch] or a "
                               "DataLoader.")
@@ -266,15 +269,20 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                 except StatisticsError:
                     raise
                 except Exception as err:  # the batch does not fit the model
+                    hint = (f"Each batch must hold the inputs the model's forward needs (got keys {sorted(batch)}).")
+                    if "DTensor" in str(err):
+                        hint = ("Some parameters are still sharded: with FSDP2 apply `fully_shard` to "
+                                "`peft_model.base_model.model` (the model this pass calls) as the root, not to the "
+                                "PeftModel, whose forward hooks this pass does not run.")
                     raise StatisticsError(
-                        f"The model could not run on a statistics batch ({type(err).__name__}: {err}). Each batch "
-                        f"must hold the inputs the model's forward needs (got keys {sorted(batch)})."
+                        f"The model could not run on a statistics batch ({type(err).__name__}: {err}). {hint}"
                     ) from err
                 n_batches += 1
                 if _budget_reached(collector.groups, max_tokens):
                     break
     finally:
         model.train(was_training)
+        reshard_fsdp_modules(model)  # FSDP2 keeps the root unsharded after a forward: hand back sharded params
     if n_batches == 0:
         raise StatisticsError("`batches` is empty: the statistics pass needs at least one batch of the task's data.")
     groups = [collector.groups[k] for k in sorted(collector.groups)]
