@@ -315,6 +315,14 @@ class ContinualTrainer(Trainer):
         raises :class:`~peft_inflora.hub.HubPushError` with the checkpoint saved: ``resume_from_checkpoint=True``
         first pushes the finished tasks whose branch is missing, then continues with the next task.
         """
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        if self.is_inflora and sharded:
+            raise ValueError(
+                "ContinualTrainer does not yet run InfLoRA under Accelerate's FSDP or DeepSpeed: they shard or "
+                "partition the new A_t that begin_task creates for every task. Use DDP (plain `accelerate launch` / "
+                "`torchrun`), or the hand-written FSDP2 / DeepSpeed ZeRO-1/2 loop of the README (peft_inflora."
+                "distributed). Nothing was trained."
+            )
         tasks = list(tasks)
         if not tasks:
             raise ValueError("`tasks` is empty: pass at least one ContinualTask.")
