@@ -297,16 +297,18 @@ class InfLoRAModel(BaseTuner):
 
     def _statistics(self, adapter_name: str, layers: Mapping[str, InfLoRALayer], batches: Iterable,
                     desc: str, progress: bool, exact: bool = False) -> list[InputGroup]:
-        """Statistics pass with the config's settings; ``exact=True`` keeps the exact covariance even when
-        ``statistics_sketch`` is set (the interference report needs ``X^T X`` itself)."""
+        """Statistics pass with the config's settings; with ``statistics_sketch`` each group's statistics are split by
+        its current memory. ``exact=True`` keeps the exact covariance even when ``statistics_sketch`` is set (the
+        interference report needs ``X^T X`` itself)."""
         config = self.peft_config[adapter_name]
         dtype = torch.float64 if config.statistics_dtype == "float64" else torch.float32
+        sketch = None if exact else sketch_size(config.statistics_sketch)
+        memories = {n: layer.get_memory(adapter_name) for n, layer in layers.items()} if sketch else None
         return collect_statistics(self.model, layers, batches, dtype=dtype,
                                   share_inputs=config.share_input_statistics,
                                   max_batches=config.statistics_max_batches,
-                                  max_tokens=config.statistics_max_tokens,
-                                  sketch=None if exact else sketch_size(config.statistics_sketch), desc=desc,
-                                  progress=progress)
+                                  max_tokens=config.statistics_max_tokens, sketch=sketch, memories=memories,
+                                  desc=desc, progress=progress)
 
     # ------------------------------------------------------------------ lifecycle
     def begin_task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,

@@ -9,6 +9,12 @@ computed once and they share one design and one memory. Padding tokens are left 
 (the decoder mask for decoder inputs of encoder-decoder models); inputs with no matching mask (e.g. ViT patches) use
 every token. Under ``torch.distributed`` the sums and counts are all-reduced so every process sees the same ``C``.
 
+Bounded memory (``sketch=ell``, ``InfLoRAConfig.statistics_sketch``): an input group of width ``d_in > 2 ell`` keeps a
+Frequent Directions sketch (``2 ell x d_in``) and the exact trace instead of the ``d_in x d_in`` sum
+(:class:`~peft_inflora.sketch.SketchAccumulator`; its ``covariance()`` is a
+:class:`~peft_inflora.sketch.LowRankCovariance`, which the design and the memory update accept). Narrower groups keep
+the exact sum, which is then no larger.
+
 Token budget: a pass may stop early, once every input group has seen ``max_tokens`` (non-padding) tokens; ``"auto"``
 means ``AUTO_TOKENS_PER_FEATURE * d_in`` tokens for a group with ``d_in`` input features. The batches read are then a
 sample of the task: in a random (seeded) order when ``batches`` is a list or tuple, in the iterable's own order
@@ -27,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import check_adapter_not_sharded, reshard_fsdp_modules
+from .sketch import SketchAccumulator, uses_sketch
 
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 AUTO_TOKENS_PER_FEATURE = 16
@@ -73,13 +80,35 @@ class CovarianceAccumulator:
     def covariance(self) -> torch.Tensor:
         return self.sum / self.count.clamp_min(1)
 
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.sum).all())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the statistics (the ``d x d`` sum)."""
+        return self.sum.numel() * self.sum.element_size()
+
+
+Accumulator = Union[CovarianceAccumulator, SketchAccumulator]
+
+
+def make_accumulator(dim: int, dtype: torch.dtype = torch.float64, device: Optional[torch.device] = None,
+                     sketch: Optional[int] = None, memory=None) -> Accumulator:
+    """The accumulator of an input group of width ``dim``: a :class:`~peft_inflora.sketch.SketchAccumulator` with a
+    Frequent Directions sketch of ``sketch`` rows (split by the group's ``memory``, a
+    :class:`~peft_inflora.subspace.Memory`, if given) when the sketch is smaller than the exact covariance
+    (``2 * sketch < dim``, :func:`~peft_inflora.sketch.uses_sketch`), else the exact ``dim x dim`` sum."""
+    if uses_sketch(sketch, dim):
+        return SketchAccumulator(dim, int(sketch), dtype=dtype, device=device, memory=memory)
+    return CovarianceAccumulator(dim, dtype, device)
+
 
 @dataclass
 class InputGroup:
     """Adapted layers that read one input tensor, and their shared accumulator."""
 
     names: list[str]
-    accumulator: CovarianceAccumulator
+    accumulator: Accumulator
 
     @property
     def leader(self) -> str:
@@ -128,10 +157,13 @@ class InputStatisticsCollector:
     """
 
     def __init__(self, layers: Mapping[str, nn.Module], dtype: torch.dtype = torch.float64,
-                 share_inputs: bool = True) -> None:
+                 share_inputs: bool = True, sketch: Optional[int] = None,
+                 memories: Optional[Mapping[str, object]] = None) -> None:
         self.layers = dict(layers)
         self.dtype = dtype
         self.share_inputs = share_inputs
+        self.sketch = sketch
+        self.memories = dict(memories or {})
         self.groups: dict[str, InputGroup] = {}
         self.leader_of: dict[str, str] = {}
         self._masks: dict[str, torch.Tensor] = {}
@@ -177,7 +209,8 @@ class InputStatisticsCollector:
                 return
             group = self.groups.get(name)
             if group is None:
-                group = InputGroup([name], CovarianceAccumulator(x.shape[-1], self.dtype, x.device))
+                group = InputGroup([name], make_accumulator(x.shape[-1], self.dtype, x.device, self.sketch,
+                                                            self.memories.get(name)))
                 self.groups[name] = group
             tokens = x.reshape(-1, x.shape[-1])
             mask = select_token_mask(name, tuple(x.shape[:-1]), self._masks)
@@ -224,6 +257,7 @@ def _sampling_order(batches: Iterable, max_tokens: Union[int, str, None], seed: 
 def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Mapping], *,
                        dtype: torch.dtype = torch.float64, share_inputs: bool = True,
                        max_batches: Optional[int] = None, max_tokens: Union[int, str, None] = None,
+                       sketch: Optional[int] = None, memories: Optional[Mapping[str, object]] = None,
                        desc: str = "InfLoRA statistics", progress: bool = True) -> list[InputGroup]:
     """Run ``model`` in eval mode under no_grad over ``batches`` and return the input groups with their summed
     statistics (all-reduced across processes). The model's train/eval mode is restored; nothing else changes.
@@ -231,6 +265,10 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
     ``max_batches``: read at most that many batches. ``max_tokens`` (int, ``"auto"`` or None): stop after the batch
     that gives every input group at least that many non-padding tokens (``"auto"``: ``AUTO_TOKENS_PER_FEATURE``
     times the group's input width), counted per process; lists and tuples are then read in a seeded random order.
+    ``sketch`` (int or None): groups wider than ``2 * sketch`` keep a Frequent Directions sketch of ``sketch`` rows
+    instead of the exact covariance (:func:`make_accumulator`), split by ``memories[leader]`` (the memory of the
+    group's first layer, a :class:`~peft_inflora.subspace.Memory`) when given: the design and memory update must then
+    run with that memory.
     """
     if max_tokens is not None:
         token_budget(max_tokens, 1)  # validate before running anything
@@ -245,7 +283,8 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
     n_batches = 0
     model.eval()
     try:
-        with InputStatisticsCollector(layers, dtype=dtype, share_inputs=share_inputs) as collector:
+        with InputStatisticsCollector(layers, dtype=dtype, share_inputs=share_inputs, sketch=sketch,
+                                      memories=memories) as collector:
             total = min(len(batches), max_batches) if hasattr(batches, "__len__") and max_batches else None
             if total is None and hasattr(batches, "__len__"):
                 total = len(batches)
@@ -300,7 +339,7 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                 f"No non-padding tokens reached layer '{group.leader}': every token was masked by the attention "
                 "mask. Check the batches' attention_mask."
             )
-        if not torch.isfinite(group.accumulator.sum).all():
+        if not group.accumulator.is_finite():
             raise StatisticsError(
                 f"The input statistics of layer '{group.leader}' contain NaN or inf: the model produced non-finite "
                 "activations on these batches (check the data, or load the model in a wider dtype)."

@@ -458,25 +458,32 @@ def _low_rank_design(cov: LowRankCovariance, memory: Memory, r: int, scale: floa
 
 
 def _low_rank_candidates(mem: Memory, cov: LowRankCovariance, energy: str, threshold: float, total: float,
-                         residual: float) -> Tuple[Tuple[torch.Tensor, torch.Tensor], float]:
+                         captured: float) -> Tuple[Tuple[torch.Tensor, torch.Tensor], float]:
     """Candidate directions ``(U, e)`` of the memory update from a sketched covariance (``e = s^2`` of
     :meth:`LowRankCovariance.projected`) and ``sigma_max`` of the data matrix (``lambda_1`` for squared energy,
-    ``sqrt(lambda_1)`` for linear). Warns (:class:`~peft_inflora.sketch.SketchWarning`) when the residual the
-    sketch could not keep makes the threshold unreachable: ``(total - residual) / total < threshold``."""
+    ``sqrt(lambda_1)`` for linear).
+
+    Warns (:class:`~peft_inflora.sketch.SketchWarning`) when the sketch is not exact and the threshold rule needs more
+    than half of its m directions (``#{j : (captured + e_1 + ... + e_j) / total < threshold} > m / 2``; the lower half
+    of a Frequent Directions sketch carries its shrinkage and is inaccurate), or a threshold of 1 asks for every
+    direction while the sketch missed some energy."""
     U, s = cov.projected(mem, energy)
+    e = s * s
     lam_max = cov.largest_eigenvalue
     smax = lam_max if energy == "squared" else math.sqrt(max(lam_max, 0.0))
-    reachable = (total - residual) / total
-    if threshold < 1.0 and reachable < threshold:
-        warnings.warn(
-            f"The statistics sketch ({cov.basis.shape[1]} directions) holds {reachable:.4f} of this layer's "
-            f"{energy} input energy, below the energy threshold {threshold:.4f}: the memory takes every "
-            "non-negligible direction of the sketch and still keeps less than the threshold. Raise "
-            "`statistics_sketch` (or set it to None for the exact covariance).",
-            SketchWarning,
-            stacklevel=3,
-        )
-    return (U, s * s), smax
+    m = int(cov.basis.shape[1])
+    if not cov.exact:
+        needed = m if threshold >= 1.0 else int(((captured + torch.cumsum(e, dim=0)) / total < threshold).sum())
+        if 2 * needed > m:
+            warnings.warn(
+                f"The memory update needs about {needed} of the {m} directions of the statistics sketch to reach the "
+                f"energy threshold {threshold:.4f}, but only the leading half of a Frequent Directions sketch is "
+                "accurate: the memory may keep less of this layer's input energy than the threshold asks. Raise "
+                f"`statistics_sketch` (to at least {4 * needed}), or set it to None for the exact covariance.",
+                SketchWarning,
+                stacklevel=3,
+            )
+    return (U, e), smax
 
 
 # --------------------------------------------------------------------------------------------
@@ -890,12 +897,11 @@ def update_memory(
     candidates and energies are those of ``C_hat = V diag(lambda) V^T`` (left singular vectors of the d_in x m
     matrix ``Q V diag(lambda)``, resp. ``Q V diag(sqrt(lambda))`` for linear energy; ``solver`` is not used), and
     the energy the sketch could not keep is counted as energy outside the memory that no candidate holds
-    (:meth:`~peft_inflora.sketch.LowRankCovariance.energy_totals`: ``total = ||C_hat||_F^2 + delta t_res >=
-    ||C||_F^2`` for squared energy, the exact ``tr(C)`` for linear). The ratios above are therefore never
-    overestimated: the update keeps at least the directions the threshold asks of the sketched energy, often a few
-    more. If ``1 - residual / total < threshold`` the threshold cannot be reached and every non-negligible sketch
-    direction is added, with a :class:`~peft_inflora.sketch.SketchWarning`. Data of rank <= ell: the same memory
-    as the exact covariance.
+    (:meth:`~peft_inflora.sketch.LowRankCovariance.energy_totals`: ``total = ||C_hat||_F^2 + t_res^2 / (d_in - m)``
+    for squared energy, the exact ``tr(C)`` for linear; see :mod:`peft_inflora.sketch` for how these errors affect
+    the threshold). When the rule needs more than half of the sketch's directions (its inaccurate lower half) a
+    :class:`~peft_inflora.sketch.SketchWarning` says to raise ``statistics_sketch``. Data of rank <= ell: the same
+    memory as the exact covariance.
 
     Raises ValueError for a non-square covariance or one that does not match ``memory.d_in``, NaN/inf
     statistics, zero covariance, threshold outside (0, 1], unknown kind, energy or solver.
@@ -917,7 +923,7 @@ def update_memory(
     mem = Memory(_reorthonormalise(mem.basis), mem.form)
 
     if low_rank:
-        total, outside, residual = C.energy_totals(mem, energy)
+        total, outside, _ = C.energy_totals(mem, energy)
     else:
         total, outside = _energy_totals(mem, C, energy)
     if not total > 0.0:
@@ -929,7 +935,7 @@ def update_memory(
 
     candidates = None
     if low_rank:
-        candidates, smax = _low_rank_candidates(mem, C, energy, threshold, total, residual)
+        candidates, smax = _low_rank_candidates(mem, C, energy, threshold, total, captured)
     elif solver == "randomized":
         generator = _default_generator(generator)
         lam_max = _largest_eigenvalue(C, generator)
