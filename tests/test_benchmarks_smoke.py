@@ -66,3 +66,15 @@ def test_bench_quality_quick(tmp_path):
                                    "InfLoRA eigen,sequential LoRA,heads only,joint LoRA"])
     assert set(result["runs"]) == {"InfLoRA eigen", "sequential LoRA", "heads only", "joint LoRA"}
     assert "| InfLoRA eigen |" in (tmp_path / "quality_quick.md").read_text()
+
+
+def test_bench_statistics_memory_quick(tmp_path):
+    result = load("statistics_memory").main(["--quick", "--out", str(tmp_path)])
+    rows = result["peak"]["rows"]
+    assert set(rows) == {"exact", "sketch=32"}
+    assert rows["sketch=32"]["accumulator_bytes"] < rows["exact"]["accumulator_bytes"]
+    assert rows["sketch=32"]["design_min_cos"] > 0.9
+    assert {row["ell"] for row in result["synthetic"]} == {16, 32, 64} and result["minilm"]
+    saved = json.loads((tmp_path / "statistics_memory_quick.json").read_text())
+    assert saved["environment"]["torch_threads"] == 1
+    assert (tmp_path / "statistics_memory_quick.md").read_text().startswith("## Statistics memory")

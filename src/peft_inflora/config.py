@@ -133,11 +133,13 @@ class InfLoRAConfig(PeftConfig):
         statistics_sketch (`Optional[Union[int, str]]`):
             Bounded-memory statistics for wide layers. Unset (None): each input group accumulates its exact
             `d_in x d_in` covariance (128 MiB in float64 at d_in = 4096). An int `ell`: groups with
-            `d_in > 2 * ell` keep a Frequent Directions sketch of their inputs instead (`2 * ell x d_in` numbers, plus
-            the exact trace; narrower groups stay exact), and the design and memory update work from it without a
-            `d_in x d_in` matrix; data of rank <= ell gives exactly the design and memory of the exact mode.
-            `"auto"`: ell = 256 (16 MiB per group at d_in = 4096). Must be at least `r` (and every `rank_pattern`
-            rank). Accuracy against the exact mode: see `peft_inflora.sketch` and docs/drafts/statistics-sketch.md.
+            `d_in > 2 * ell` keep instead a Frequent Directions sketch of their inputs (`2 * ell x d_in` numbers),
+            exact products with the memory's stored basis (`e x d_in` more for e stored columns, e <= d_in / 2 with
+            DualGPM) and the exact trace; narrower groups stay exact. The design and memory update work from these
+            without a `d_in x d_in` matrix; data of rank <= ell gives exactly the design and memory of the exact
+            mode, and a `SketchWarning` says when ell is too small for the memory update. `"auto"`: ell = 256
+            (16 MiB per group at d_in = 4096). Must be at least `r` (and every `rank_pattern` rank). The
+            interference report keeps the exact statistics. Accuracy against the exact mode: `peft_inflora.sketch`.
         share_input_statistics (`bool`, *optional*, defaults to `True`):
             Compute one covariance (and design) for targeted layers that read the same input tensor, e.g. the key and
             value projections of one attention block. Saves memory and time; results are the same.

@@ -463,7 +463,8 @@ def _low_rank_candidates(mem: Memory, cov: LowRankCovariance, energy: str, thres
     :meth:`LowRankCovariance.projected`) and ``sigma_max`` of the data matrix (``lambda_1`` for squared energy,
     ``sqrt(lambda_1)`` for linear).
 
-    Warns (:class:`~peft_inflora.sketch.SketchWarning`) when the sketch is not exact and the threshold rule needs more
+    Warns (:class:`~peft_inflora.sketch.SketchWarning`) when the candidates come from the sketch (no memory, or one
+    stored as a basis: in form "complement" they are exact), the sketch is not exact and the threshold rule needs more
     than half of its m directions (``#{j : (captured + e_1 + ... + e_j) / total < threshold} > m / 2``; the lower half
     of a Frequent Directions sketch carries its shrinkage and is inaccurate), or a threshold of 1 asks for every
     direction while the sketch missed some energy."""
@@ -472,7 +473,7 @@ def _low_rank_candidates(mem: Memory, cov: LowRankCovariance, energy: str, thres
     lam_max = cov.largest_eigenvalue
     smax = lam_max if energy == "squared" else math.sqrt(max(lam_max, 0.0))
     m = int(cov.basis.shape[1])
-    if not cov.exact:
+    if not cov.exact and cov.memory_form != "complement":
         needed = m if threshold >= 1.0 else int(((captured + torch.cumsum(e, dim=0)) / total < threshold).sum())
         if 2 * needed > m:
             warnings.warn(
