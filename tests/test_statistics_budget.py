@@ -9,7 +9,8 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_inflora import InfLoRAConfig, StatisticsError
-from peft_inflora.statistics import AUTO_TOKENS_PER_FEATURE, collect_statistics, token_budget
+from peft_inflora.statistics import (AUTO_BATCH_FRACTION, AUTO_TOKENS_PER_FEATURE, auto_batch_limit,
+                                    collect_statistics, token_budget)
 
 D = 8
 
@@ -107,6 +108,19 @@ def test_auto_budget_scales_with_the_input_width():
     acc = read(Net(), data, max_tokens="auto")
     assert AUTO_TOKENS_PER_FEATURE * D == 128
     assert acc.local_count == 150  # 3 batches of 50 tokens: the first count >= 128
+
+
+def test_auto_reads_at_most_an_eighth_of_a_sized_task():
+    """A small task has fewer tokens than 16 per feature: "auto" then still stops after ceil(n / 8) batches."""
+    assert AUTO_BATCH_FRACTION == 8
+    assert [auto_batch_limit("auto", range(n)) for n in (1, 8, 9, 12, 18, 1000)] == [1, 1, 2, 2, 3, 125]
+    assert auto_batch_limit(None, range(12)) is None and auto_batch_limit(500, range(12)) is None
+    assert auto_batch_limit("auto", iter(range(12))) is None  # unknown length: the token budget alone
+    data = batches(12, tokens=2)  # 24 tokens in all, far below the 128 that 16 tokens per feature ask
+    assert read(Net(), data, max_tokens="auto").local_count == 4  # 2 batches of 2 tokens
+    assert read(Net(), data, max_tokens="auto", max_batches=1).local_count == 2  # the smaller cap wins
+    assert read(Net(), data, max_tokens=None).local_count == 24
+    assert read(Net(), iter(data), max_tokens="auto").local_count == 24  # no length: read until the data runs out
 
 
 def test_padding_does_not_count_towards_the_budget():

@@ -123,9 +123,10 @@ class InfLoRAConfig(PeftConfig):
         statistics_max_tokens (`Optional[Union[int, str]]`, *optional*, defaults to `"auto"`):
             Token budget of a statistics pass: it stops after the batch that gives every input group at least this
             many non-padding tokens (counted per process). `"auto"`: 16 tokens per input feature (6144 for a width
-            of 384, 65536 for 4096), which keeps both passes of a task under a quarter of a training epoch on tasks
-            of a few hundred texts; the sample then changes the design a little (a budget cannot reproduce the
-            full-data design exactly: see benchmarks/RESULTS.md). `None`: read every batch (the paper).
+            of 384, 65536 for 4096), and at most an eighth of the batches (`ceil(n / 8)`, when the batches have a
+            length), which keeps both passes of a task under a quarter of a training epoch; the sample then changes
+            the design a little (a budget cannot reproduce the full-data design exactly: see benchmarks/RESULTS.md).
+            `None`: read every batch (the paper).
             Lists of batches are then read in a seeded random order; other iterables (e.g. a shuffled DataLoader)
             in their own order.
         statistics_dtype (`str`, *optional*, defaults to `"float64"`):
@@ -303,7 +304,8 @@ class InfLoRAConfig(PeftConfig):
         metadata={
             "help": (
                 "Token budget per statistics pass: stop once every input group has seen this many non-padding "
-                "tokens. 'auto': 16 tokens per input feature; None: read every batch (the paper)."
+                "tokens. 'auto': 16 tokens per input feature and at most an eighth of the batches; None: read every "
+                "batch (the paper)."
             )
         },
     )

@@ -69,7 +69,8 @@ eigenvalue is short by up to ``delta``, which turns the design of later tasks an
 with a per-direction compensation (credits tracked through the shrinks) the energies are nearly unbiased, but the
 memory then keeps 0.3-1 % less energy than the threshold asks, because a subspace picked from noisy directions
 captures less than it claims. The full compensation errs on the safe side: the memory keeps at least the exact
-energy fraction, with more directions than the exact update (numbers in docs/drafts/statistics-sketch.md).
+energy fraction, with more directions than the exact update (numbers in benchmarks/RESULTS.md, "Statistics at LLM
+scale").
 
 The trace is exact, so the residual ``t_res = max(tr(P C P) - sum_i lambda_i, 0)`` (energy of sketched-side
 directions the sketch lost) is known. For the squared energy (the default) the threshold rule needs ``||C||_F^2``, in
@@ -107,8 +108,8 @@ __all__ = [
 
 SKETCH_AUTO_SIZE = 256
 """``statistics_sketch="auto"``: ell = 256 rows (a buffer of 512 x d_in: 16 MiB in float64 at d_in = 4096, 1/8 of
-the exact covariance). Chosen from benchmarks/bench_statistics_memory.py: see docs/drafts/statistics-sketch.md for the
-principal-angle cosines it gives against the exact design and memory."""
+the exact covariance). Chosen from benchmarks/bench_statistics_memory.py: see benchmarks/RESULTS.md ("Statistics at
+LLM scale") for the principal-angle cosines it gives against the exact design and memory."""
 
 _F64 = torch.float64
 

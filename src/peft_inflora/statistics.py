@@ -16,8 +16,10 @@ Frequent Directions sketch (``2 ell x d_in``) and the exact trace instead of the
 the exact sum, which is then no larger.
 
 Token budget: a pass may stop early, once every input group has seen ``max_tokens`` (non-padding) tokens; ``"auto"``
-means ``AUTO_TOKENS_PER_FEATURE * d_in`` tokens for a group with ``d_in`` input features. The batches read are then a
-sample of the task: in a random (seeded) order when ``batches`` is a list or tuple, in the iterable's own order
+means ``AUTO_TOKENS_PER_FEATURE * d_in`` tokens for a group with ``d_in`` input features, and at most
+``ceil(n / AUTO_BATCH_FRACTION)`` of the ``n`` batches when the iterable has a length (so that the two passes of a task
+stay a small part of one epoch on small tasks too, where 16 tokens per feature would be the whole task). The batches
+read are then a sample of the task: in a random (seeded) order when ``batches`` is a list or tuple, in the iterable's own order
 otherwise (a shuffled DataLoader, as the ContinualTrainer passes, is already a random sample).
 """
 
@@ -39,6 +41,9 @@ CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", 
 AUTO_TOKENS_PER_FEATURE = 16
 """``max_tokens="auto"``: a pass reads batches until every input group has seen 16 tokens per input feature (6144
 tokens at d_in = 384, 65536 at d_in = 4096)."""
+AUTO_BATCH_FRACTION = 8
+"""``max_tokens="auto"`` reads at most ``ceil(n / 8)`` of ``n`` batches (at least one): with a no-grad forward at
+about 0.45 of a training step, the two passes of a task then cost about 0.11 of a training epoch plus the design."""
 KEY_VALUE_NAMES = ("k", "v", "key", "value", "k_proj", "v_proj", "to_k", "to_v")
 
 
@@ -237,6 +242,14 @@ def token_budget(max_tokens: Union[int, str, None], d_in: int) -> Optional[int]:
     return max_tokens
 
 
+def auto_batch_limit(max_tokens: Union[int, str, None], batches: Iterable) -> Optional[int]:
+    """The batch cap that ``max_tokens="auto"`` adds: ``ceil(len(batches) / AUTO_BATCH_FRACTION)`` when ``batches``
+    has a length, else None (an iterable of unknown length is read until the token budget)."""
+    if max_tokens != "auto" or not hasattr(batches, "__len__"):
+        return None
+    return max(1, -(-len(batches) // AUTO_BATCH_FRACTION))
+
+
 def _budget_reached(groups: Mapping[str, InputGroup], max_tokens: Union[int, str, None]) -> bool:
     if max_tokens is None or not groups:
         return False
@@ -264,7 +277,8 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
 
     ``max_batches``: read at most that many batches. ``max_tokens`` (int, ``"auto"`` or None): stop after the batch
     that gives every input group at least that many non-padding tokens (``"auto"``: ``AUTO_TOKENS_PER_FEATURE``
-    times the group's input width), counted per process; lists and tuples are then read in a seeded random order.
+    times the group's input width, and at most :func:`auto_batch_limit` batches), counted per process; lists and
+    tuples are then read in a seeded random order.
     ``sketch`` (int or None): groups wider than ``2 * sketch`` keep a Frequent Directions sketch of ``sketch`` rows
     instead of the exact covariance (:func:`make_accumulator`), split by ``memories[leader]`` (the memory of the
     group's first layer, a :class:`~peft_inflora.subspace.Memory`) when given: the design and memory update must then
@@ -276,6 +290,9 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
     if isinstance(batches, Mapping):
         raise StatisticsError("`batches` is a single batch (a dict): pass an iterable of batches, e.g. [batch] or a "
                               "DataLoader.")
+    auto_cap = auto_batch_limit(max_tokens, batches)
+    if auto_cap is not None:
+        max_batches = auto_cap if max_batches is None else min(max_batches, auto_cap)
     config = getattr(model, "config", None)
     is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
