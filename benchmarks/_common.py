@@ -29,7 +29,30 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
 
+# ---------------------------------------------------------------------------------------------- synthetic spectra
+def rotation(d: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A random orthogonal ``d x d`` matrix (Q of the QR of a seeded Gaussian matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, d, dtype=dtype, generator=g))[0]
+
+
+def spectrum(kind: str, d: int) -> torch.Tensor:
+    """Eigenvalues ``lambda_i = i^-alpha`` (``kind="alpha=<a>"``), or ``"spiked"``: a ``1/i`` law with 4 outlier
+    directions 50-400x above it (as massive activations give in LLMs)."""
+    i = torch.arange(1, d + 1, dtype=torch.float64)
+    if kind == "spiked":
+        lam = i ** -1.0
+        lam[:4] *= torch.tensor([400.0, 200.0, 100.0, 50.0], dtype=torch.float64)
+        return lam
+    return i ** -float(kind.split("=")[1])
+
+
 # ---------------------------------------------------------------------------------------------- arguments, setup
+def hidden_help() -> str:
+    """``help=`` of an internal option (e.g. a child process's): hidden from ``--help``."""
+    return argparse.SUPPRESS
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny random model, tiny data, one repeat")

@@ -203,7 +203,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = C.parser(__doc__.splitlines()[0])
-    p.add_argument("--child", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=C.hidden_help())
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.quick)))
@@ -217,12 +217,6 @@ def main(argv=None) -> dict:
     result["adapter"] = adapter_sizes(args.quick)
     C.write_results(args, "memory", result, markdown(result))
     return result
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -28,20 +28,6 @@ import _common as C  # noqa: E402
 from peft_inflora import subspace as S  # noqa: E402
 
 
-def rotation(d: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))[0]
-
-
-def spectrum(kind: str, d: int) -> torch.Tensor:
-    i = torch.arange(1, d + 1, dtype=torch.float64)
-    if kind == "spiked":
-        lam = i ** -1.0
-        lam[:4] *= torch.tensor([400.0, 200.0, 100.0, 50.0], dtype=torch.float64)
-        return lam
-    return i ** -float(kind.split("=")[1])
-
-
 def reference(memory: S.Memory, Cov: torch.Tensor, r: int, threshold: float, repeats: int) -> dict:
     t0 = time.perf_counter()
     QC = memory.project(Cov)
@@ -82,7 +68,7 @@ def added_directions(old: S.Memory, new: S.Memory) -> torch.Tensor:
 
 
 def run_case(kind: str, d: int, rotations, r: int, repeats: int, eigh_repeats: int) -> list[dict]:
-    lam = spectrum(kind, d)
+    lam = C.spectrum(kind, d)
     U1, U2 = rotations
     C1 = (U1 * lam) @ U1.T
     C2 = 0.5 * C1 + 0.5 * ((U2 * lam) @ U2.T)
@@ -131,7 +117,7 @@ def run_case(kind: str, d: int, rotations, r: int, repeats: int, eigh_repeats: i
 
 def exact_solver_timing(d: int, rotations) -> dict:
     """The package's exact solver (SVD of Q C) once, for the record."""
-    lam = spectrum("alpha=1.0", d)
+    lam = C.spectrum("alpha=1.0", d)
     U1, _ = rotations
     Cov = (U1 * lam) @ U1.T
     memory = S.Memory.empty(d)
@@ -183,7 +169,7 @@ def main(argv=None) -> dict:
     d = args.d or (256 if args.quick else 4096)
     repeats, eigh_repeats = (1, 1) if args.quick else (args.repeats, args.eigh_repeats)
     spectra = args.spectra.split(",")[:2] if args.quick else args.spectra.split(",")
-    rotations = (rotation(d, 1), rotation(d, 2))
+    rotations = (C.rotation(d, 1), C.rotation(d, 2))
     rows = []
     for kind in spectra:
         rows += run_case(kind, d, rotations, 8, repeats, eigh_repeats)

@@ -55,20 +55,6 @@ MIB = 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def rotation(d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(d, d, dtype=dtype, generator=g))[0]
-
-
-def spectrum(kind: str, d: int) -> torch.Tensor:
-    i = torch.arange(1, d + 1, dtype=torch.float64)
-    if kind == "spiked":
-        lam = i ** -1.0
-        lam[:4] *= torch.tensor([400.0, 200.0, 100.0, 50.0], dtype=torch.float64)
-        return lam
-    return i ** -float(kind.split("=")[1])
-
-
 def draw(n: int, lam: torch.Tensor, rot: torch.Tensor, seed: int) -> torch.Tensor:
     """``n`` tokens [n, d] (float32) with covariance ``rot diag(lam) rot^T``."""
     g = torch.Generator().manual_seed(seed)
@@ -159,8 +145,8 @@ def peak_child(mode: str, d: int, layers: int, tokens: int, batch: int, out: str
     ell = None if mode == "exact" else int(mode.split("=")[1])
     model = get_peft_model(base, InfLoRAConfig(r=R, target_modules=r"layers\.\d+", statistics_max_tokens=None,
                                                statistics_sketch=ell))
-    lam = spectrum("alpha=1.0", d)
-    rot = rotation(d, 1)
+    lam = C.spectrum("alpha=1.0", d)
+    rot = C.rotation(d, 1, torch.float32)
     data = [{"x": draw(batch, lam, rot, seed=100 + i)[None]} for i in range(tokens // batch)]
     with torch.no_grad():
         model(**data[0])  # first-call allocations before the baseline
@@ -228,10 +214,10 @@ def peak_section(args) -> dict:
 # ---------------------------------------------------------------------------------------------- synthetic
 def synthetic_section(args) -> list[dict]:
     d, n = args.d, args.synthetic_tokens
-    rot1, rot2 = rotation(d, 1), rotation(d, 2)
+    rot1, rot2 = C.rotation(d, 1, torch.float32), C.rotation(d, 2, torch.float32)
     rows = []
     for kind in args.spectra:
-        lam = spectrum(kind, d)
+        lam = C.spectrum(kind, d)
         tasks = [draw(n, lam, rot1, seed=11),
                  torch.cat([draw(n // 2, lam, rot1, seed=12), draw(n - n // 2, lam, rot2, seed=13)])]
         exact = []
@@ -402,8 +388,8 @@ def main(argv=None) -> dict:
     p.add_argument("--spectra", default=None, help="synthetic spectra (alpha=1.0,spiked; also e.g. alpha=0.75)")
     p.add_argument("--synthetic-tokens", type=int, default=None, help="tokens per synthetic task (8192)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: peak,synthetic,minilm")
-    p.add_argument("--child", default=None, help=argparse_hidden())
-    p.add_argument("--child-out", default=None, help=argparse_hidden())
+    p.add_argument("--child", default=None, help=C.hidden_help())
+    p.add_argument("--child-out", default=None, help=C.hidden_help())
     args = p.parse_args(argv)
     quick = args.quick
     args.d = args.d or (256 if quick else 4096)
@@ -431,12 +417,6 @@ def main(argv=None) -> dict:
     result["environment"] = C.environment(args)
     C.write_results(args, "statistics_memory", result, markdown(result))
     return result
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from .model import (
     TaskLifecycleError,
 )
 from .registry import register as _register
+from .sketch import SketchWarning
 from .statistics import StatisticsError
 from .metrics import ContinualResult
 from .trainer import ContinualCallback, ContinualTask, ContinualTrainer, tokenize_instruction_dataset
@@ -49,6 +50,7 @@ __all__ = [
     "LoraExport",
     "Linear",
     "NoTaskInProgressError",
+    "SketchWarning",
     "StatisticsError",
     "SubspaceExhaustedError",
     "SubspaceWarning",
