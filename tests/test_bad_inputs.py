@@ -323,7 +323,8 @@ def test_batches_without_the_inputs_the_model_needs_are_refused():
 def test_nan_inputs_make_non_finite_statistics_and_are_refused():
     model = get_peft_model(tiny_vit(), InfLoRAConfig(r=4))
     batches = image_classification_batches(n_batches=2)
-    batches[1]["pixel_values"][2, 0, 3, 3] = float("nan")
+    for batch in batches:  # every batch: the default token budget may read only one of them
+        batch["pixel_values"][2, 0, 3, 3] = float("nan")
     before = snapshot(model)
     with pytest.raises(StatisticsError, match=r"contain NaN or inf: the model produced non-finite activations .*"
                                               r"check the data, or load the model in a wider dtype"):
@@ -682,6 +683,18 @@ def test_interference_report_needs_a_task_in_progress_and_changes_nothing():
     assert all(g.tokens == 48 and g.rank == 3 for g in report)
 
 
+def test_interference_report_reads_every_batch_whatever_the_statistics_budget():
+    """The report bounds the outputs on the batches it is given, so it must not sample them like begin_task does."""
+    model = mlp_model(statistics_max_tokens=8, statistics_max_batches=1)
+    task1 = subspace_batches(1, dim=5)  # 3 batches of 16 tokens
+    run_task(model, task1)
+    model.begin_task(subspace_batches(2, dim=5), progress=False)
+    report = model.interference_report(task1)
+    assert all(g.tokens == 48 for g in report)
+    X = torch.cat([b["x"] for b in task1])
+    assert report[0].input_norm == pytest.approx(float(torch.linalg.norm(X)), rel=1e-6)
+
+
 def _layer_inputs(model, batches: list[dict]) -> dict[str, torch.Tensor]:
     """The inputs (tokens x d_in) every adapted layer reads over ``batches`` (eval mode, no grad)."""
     seen: dict[str, list] = {}
@@ -776,7 +789,8 @@ def test_half_precision_statistics_are_accumulated_wide_and_stay_finite(dtype, s
     base = tiny_llama().to(dtype)
     with torch.no_grad():
         base.model.norm.weight.mul_(3000.0)
-    model = get_peft_model(base, InfLoRAConfig(r=4, target_modules=["lm_head"], statistics_dtype=statistics_dtype))
+    model = get_peft_model(base, InfLoRAConfig(r=4, target_modules=["lm_head"], statistics_dtype=statistics_dtype,
+                                               statistics_max_tokens=None))  # compared with X over every batch
     batches = causal_lm_batches(n_batches=2)
     real_tokens = torch.cat([b["attention_mask"].reshape(-1) for b in batches]).bool()
     X = _layer_inputs(model, batches)["lm_head"][real_tokens]  # the statistics leave padding out

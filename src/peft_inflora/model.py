@@ -298,16 +298,18 @@ class InfLoRAModel(BaseTuner):
     def _statistics(self, adapter_name: str, layers: Mapping[str, InfLoRALayer], batches: Iterable,
                     desc: str, progress: bool, exact: bool = False) -> list[InputGroup]:
         """Statistics pass with the config's settings; with ``statistics_sketch`` each group's statistics are split by
-        its current memory. ``exact=True`` keeps the exact covariance even when ``statistics_sketch`` is set (the
-        interference report needs ``X^T X`` itself)."""
+        its current memory. ``exact=True`` keeps the exact covariance of every batch given, even when
+        ``statistics_sketch`` or a token budget is set (the interference report needs ``X^T X`` of the data it is
+        asked about)."""
         config = self.peft_config[adapter_name]
         dtype = torch.float64 if config.statistics_dtype == "float64" else torch.float32
         sketch = None if exact else sketch_size(config.statistics_sketch)
         memories = {n: layer.get_memory(adapter_name) for n, layer in layers.items()} if sketch else None
         return collect_statistics(self.model, layers, batches, dtype=dtype,
                                   share_inputs=config.share_input_statistics,
-                                  max_batches=config.statistics_max_batches,
-                                  max_tokens=config.statistics_max_tokens, sketch=sketch, memories=memories,
+                                  max_batches=None if exact else config.statistics_max_batches,
+                                  max_tokens=None if exact else config.statistics_max_tokens, sketch=sketch,
+                                  memories=memories,
                                   desc=desc, progress=progress)
 
     # ------------------------------------------------------------------ lifecycle
@@ -475,8 +477,9 @@ class InfLoRAModel(BaseTuner):
         model), ``X`` is what every adapted layer reads on the old task before training, so this bounds how far
         training the new task moves each adapted layer's outputs on it (for inputs that reach it unchanged; layers
         further down also see the change of the layers above). With ``energy_threshold=1.0`` the memory spans the
-        old tasks' inputs and the leakage is 0 up to float error. This pass keeps the exact ``d_in x d_in`` statistics
-        even when ``statistics_sketch`` is set.
+        old tasks' inputs and the leakage is 0 up to float error. This pass reads every batch given and keeps the
+        exact ``d_in x d_in`` statistics, whatever ``statistics_max_tokens``, ``statistics_max_batches`` and
+        ``statistics_sketch`` say.
 
         Raises:
             TaskLifecycleError: no task is in progress (there is no ``B_t`` to measure): call ``begin_task`` first.
