@@ -188,28 +188,29 @@ def markdown(result: dict, table: str) -> str:
 
 def merge(args) -> dict:
     """One table from several runs' ``quality.json`` (e.g. one folder per seed): runs of a method are pooled, each
-    (method, seed) at most once."""
+    (method, seed) once. A (method, seed) found again in a later folder (a rerun, e.g. after a default changed)
+    replaces the earlier run; ``replaced`` in the result lists them."""
     from peft_inflora import ContinualResult
     from peft_inflora.metrics import compare_table
 
-    runs: dict[str, list] = {}
-    seeds_of: dict[str, list] = {}
+    by_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> run, in the order first seen
+    replaced: list[str] = []
     task_names, environment = None, None
     for folder in [f.strip() for f in args.merge.split(",") if f.strip()]:
         data = __import__("json").loads((Path(folder) / "quality.json").read_text())
         task_names, environment = data["task_names"], data["environment"]
         for method, method_runs in data["runs"].items():
             for seed, run in zip(data["seeds"], method_runs):
-                if seed in seeds_of.setdefault(method, []):
-                    raise ValueError(f"{method} seed {seed} appears in two of the merged folders")
-                seeds_of[method].append(seed)
-                runs.setdefault(method, []).append(run)
-    order = [m for m in METHODS if m in runs] + [m for m in runs if m not in METHODS]
-    runs = {m: runs[m] for m in order}
+                if seed in by_seed.setdefault(method, {}):
+                    replaced.append(f"{method} seed {seed} (by {folder})")
+                by_seed[method][seed] = run
+    order = [m for m in METHODS if m in by_seed] + [m for m in by_seed if m not in METHODS]
+    runs = {m: list(by_seed[m].values()) for m in order}
+    seeds_of = {m: list(by_seed[m]) for m in order}
     continual = {m: [ContinualResult.from_dict(r) for r in rs] for m, rs in runs.items() if m != "joint LoRA"}
     seeds = sorted({s for ss in seeds_of.values() for s in ss})
     result = {"seeds": seeds, "seeds_per_method": {m: seeds_of[m] for m in order}, "methods": order,
-              "task_names": task_names, "runs": runs, "merged_from": args.merge,
+              "task_names": task_names, "runs": runs, "merged_from": args.merge, "replaced": replaced,
               "environment": {**environment, "quick": False}}
     C.write_results(args, "quality", result, markdown(result, compare_table(continual)))
     return result

@@ -37,9 +37,10 @@ def test_bench_speed_quick(tmp_path):
     result = load("speed").main(["--quick", "--out", str(tmp_path)])
     rows = result["step_time"]["rows"]
     assert rows["task 10"]["past_rank"] == 72
-    # the nine finished tasks cost one more matmul pair, not nine
+    # with the cached W + past the nine finished tasks cost no matmul; without it one more pair, not nine
     matmuls = {name: row["matmuls_per_adapted_layer_forward"] for name, row in rows.items()}
-    assert matmuls["task 10"] == matmuls["task 1"] + 2
+    assert matmuls["task 10"] == matmuls["task 10, fold=base"] == matmuls["task 1"]
+    assert matmuls["task 10, cache_past_weight=False"] == matmuls["task 1"] + 2
     assert result["statistics_ratio"] and result["design_cosines"]
     saved = json.loads((tmp_path / "speed_quick.json").read_text())
     assert saved["environment"]["torch_threads"] == 1
@@ -66,6 +67,14 @@ def test_bench_quality_quick(tmp_path):
                                    "InfLoRA eigen,sequential LoRA,heads only,joint LoRA"])
     assert set(result["runs"]) == {"InfLoRA eigen", "sequential LoRA", "heads only", "joint LoRA"}
     assert "| InfLoRA eigen |" in (tmp_path / "quality_quick.md").read_text()
+    # --merge pools folders of earlier runs; a (method, seed) found again in a later folder replaces the earlier run
+    for folder in ("first", "rerun"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "quality.json").write_text((tmp_path / "quality_quick.json").read_text())
+    merged = load("quality").main(["--merge", f"{tmp_path / 'first'},{tmp_path / 'rerun'}", "--out",
+                                   str(tmp_path / "merged")])
+    assert {m: len(r) for m, r in merged["runs"].items()} == {m: 1 for m in result["runs"]}
+    assert len(merged["replaced"]) == 4 and all("seed 0 (by " in line for line in merged["replaced"])
 
 
 def test_bench_statistics_memory_quick(tmp_path):
