@@ -19,8 +19,8 @@ Token budget: a pass may stop early, once every input group has seen ``max_token
 means ``AUTO_TOKENS_PER_FEATURE * d_in`` tokens for a group with ``d_in`` input features, and at most
 ``ceil(n / AUTO_BATCH_FRACTION)`` of the ``n`` batches when the iterable has a length (so that the two passes of a task
 stay a small part of one epoch on small tasks too, where 16 tokens per feature would be the whole task). The batches
-read are then a sample of the task: in a random (seeded) order when ``batches`` is a list or tuple, in the iterable's own order
-otherwise (a shuffled DataLoader, as the ContinualTrainer passes, is already a random sample).
+read are then a sample of the task: in a random (seeded) order when ``batches`` is a list or tuple, in the iterable's
+own order otherwise (a shuffled DataLoader, as the ContinualTrainer passes, is already a random sample).
 """
 
 from __future__ import annotations
