@@ -11,7 +11,11 @@ Methods, all with the ContinualTrainer, the same budget and seed:
 * InfLoRA, fixed schedule (the paper's: ``eps_t = lambda + (1 - lambda) t / T``);
 * InfLoRA, ``adaptive_threshold=True`` (the same schedule, each layer's memory capped at ``d_in - r (T - t - 1)``
   dimensions after task t, so every task finds r free directions);
-* sequential LoRA (PEFT LoRA, same rank, trained task after task).
+* sequential LoRA (PEFT LoRA, same rank, trained task after task);
+* PEFT's OSF run sequentially (as in bench_quality.py: merged and re-decomposed after each task, preserved rank
+  rising from 0.5 to 0.9 of the layer);
+* heads only (frozen backbone, each task's head rows trained): the lower reference. (Joint training is left out: the
+  task-incremental protocol evaluates each task with its own 10 head rows, which one joint task does not have.)
 
 Reports A_T, A_avg, BWT, forgetting, the accuracy of the last five tasks after the sequence (how well late tasks were
 learned) and, per task, the smallest free dimension over the adapted layers and the rank the task got.
@@ -35,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-METHODS = ["InfLoRA fixed", "InfLoRA adaptive", "sequential LoRA"]
+METHODS = ["InfLoRA fixed", "InfLoRA adaptive", "sequential LoRA", "OSF", "heads only"]
 TARGETS = ["k_proj", "v_proj", "fc1"]
 
 
@@ -82,20 +86,32 @@ def run(method: str, args, source: str, tasks, workdir: str):
     V = vision_example()
     torch.manual_seed(args.seed)
     model = V.load_backbone(source, num_labels=10)
+    callbacks = []
     if method.startswith("InfLoRA"):
         config = InfLoRAConfig(r=args.r, target_modules=TARGETS, modules_to_save=["classifier"],
                                energy_threshold=args.energy_threshold, total_tasks=len(tasks),
                                adaptive_threshold="adaptive" in method)
+    elif method == "OSF":  # PEFT's OSF, run sequentially as in bench_quality.py
+        from peft import OSFConfig
+
+        from bench_quality import OSFContinual
+
+        config = OSFConfig(target_modules=TARGETS, modules_to_save=["classifier"], effective_rank=0.5)
+        callbacks = [OSFContinual(config, len(tasks))]
     else:
         config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGETS, modules_to_save=["classifier"])
     model = get_peft_model(model, config)
+    if method == "heads only":  # the frozen backbone: only the classifier trains
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
     training = TrainingArguments(
         output_dir=workdir, num_train_epochs=args.epochs, max_steps=3 if args.quick else -1,
         per_device_train_batch_size=32, per_device_eval_batch_size=256, learning_rate=args.lr,
         lr_scheduler_type="constant", weight_decay=0.0, save_strategy="no", report_to="none",
         logging_strategy="no", remove_unused_columns=False, seed=args.seed, disable_tqdm=True)
     trainer = ContinualTrainer(model=model, args=training, task_type="task_incremental",
-                               data_collator=V.DigitsCollator())
+                               data_collator=V.DigitsCollator(), callbacks=callbacks)
     t0 = time.perf_counter()
     ranks = []
     if method.startswith("InfLoRA"):  # record the rank each task got (the smallest over the adapted layers)

@@ -87,3 +87,15 @@ def test_bench_statistics_memory_quick(tmp_path):
     saved = json.loads((tmp_path / "statistics_memory_quick.json").read_text())
     assert saved["environment"]["torch_threads"] == 1
     assert (tmp_path / "statistics_memory_quick.md").read_text().startswith("## Statistics memory")
+
+
+def test_bench_long_sequence_quick(tmp_path):
+    methods = ["InfLoRA fixed", "InfLoRA adaptive", "sequential LoRA", "OSF", "heads only"]
+    result = load("long_sequence").main(["--quick", "--out", str(tmp_path), "--methods", ",".join(methods)])
+    runs = {run["method"]: run for run in result["runs"]}
+    assert list(runs) == methods and all(run["tasks_learned"] == 3 and not run["stopped"] for run in runs.values())
+    for method in ("InfLoRA fixed", "InfLoRA adaptive"):  # the memory only grows: the free dimension only shrinks
+        free = runs[method]["min_free_dimension_after_task"]
+        assert len(free) == 3 and free == sorted(free, reverse=True) and runs[method]["rank_given"] == [2, 2, 2]
+    assert not runs["OSF"]["min_free_dimension_after_task"]  # capacity is an InfLoRA report
+    assert "| heads only | 3 |" in (tmp_path / "long_sequence_quick.md").read_text()
