@@ -37,6 +37,21 @@ def _env() -> dict:
 
 
 @pytest.mark.multiprocess
+def test_under_fsdp_every_process_stops_the_statistics_pass_after_the_same_batch(tmp_path):
+    """Process 0's batches hold 10 real tokens, process 1's 2; the budget is 20 tokens per process. Stopping each
+    process on its own count (2 forwards against 10) deadlocks FSDP2, whose forwards are collectives: the first
+    process to reach its budget stops all of them."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          str(HERE / "budget_distributed_worker.py"), str(tmp_path)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert (r0["local_count"], r1["local_count"]) == (20, 4)  # two forwards each: 2 x 10 and 2 x 2 real tokens
+    assert r0["count"] == r1["count"] == 24  # and the all-reduced statistics agree
+
+
+@pytest.mark.multiprocess
 def test_two_processes_design_identically_and_like_one_process(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "distributed_worker.py"), str(tmp_path / "two")],

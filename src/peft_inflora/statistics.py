@@ -266,6 +266,21 @@ def _sampling_order(batches: Iterable, max_tokens: Union[int, str, None], seed: 
     return [batches[i] for i in order]
 
 
+_END = object()  # end of a statistics pass's batches
+
+
+def _stop_together(stop: bool, device: torch.device) -> bool:
+    """``stop`` on any process means stop on every process (one all-reduce of a flag; no-op without
+    torch.distributed), so every process runs the same number of forwards: under FSDP each forward is a collective,
+    and a process that ran one more than the others would wait for them forever."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            flag = torch.tensor(float(stop), device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+    return stop
+
+
 @torch.no_grad()
 def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batches: Iterable[Mapping], *,
                        dtype: torch.dtype = torch.float64, share_inputs: bool = True,
@@ -278,7 +293,9 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
     ``max_batches``: read at most that many batches. ``max_tokens`` (int, ``"auto"`` or None): stop after the batch
     that gives every input group at least that many non-padding tokens (``"auto"``: ``AUTO_TOKENS_PER_FEATURE``
     times the group's input width, and at most :func:`auto_batch_limit` batches), counted per process; lists and
-    tuples are then read in a seeded random order.
+    tuples are then read in a seeded random order. Under ``torch.distributed`` every process reads the same number of
+    batches: the pass stops on all of them as soon as one has read ``max_batches``, reached the token budget or run
+    out of batches (:func:`_stop_together`).
     ``sketch`` (int or None): groups wider than ``2 * sketch`` keep a Frequent Directions sketch of ``sketch`` rows
     instead of the exact covariance (:func:`make_accumulator`), split by ``memories[leader]`` (the memory of the
     group's first layer, a :class:`~peft_inflora.subspace.Memory`) when given: the design and memory update must then
@@ -305,37 +322,39 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
             total = min(len(batches), max_batches) if hasattr(batches, "__len__") and max_batches else None
             if total is None and hasattr(batches, "__len__"):
                 total = len(batches)
-            for batch in tqdm(_sampling_order(batches, max_tokens), total=total, desc=desc, disable=not progress,
-                              leave=False):
-                if max_batches is not None and n_batches >= max_batches:
-                    break
-                if not isinstance(batch, Mapping):
-                    raise StatisticsError(
-                        f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
-                        f"{type(batch).__name__}."
-                    )
-                batch = _to_device(batch, device)
-                masks = batch_token_masks(batch, is_encoder_decoder)
-                if not is_encoder_decoder:
-                    # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
-                    batch = {k: v for k, v in batch.items() if k != "labels"}
-                collector.start_batch(masks)
-                try:
-                    model(**batch)
-                except StatisticsError:
-                    raise
-                except Exception as err:  # the batch does not fit the model
-                    hint = (f"Each batch must hold the inputs the model's forward needs (got keys {sorted(batch)}).")
-                    if "DTensor" in str(err):
-                        hint = ("Some parameters are still sharded: with FSDP2 apply `fully_shard` to "
-                                "`peft_model.base_model.model` (the model this pass calls) as the root, not to the "
-                                "PeftModel, whose forward hooks this pass does not run.")
-                    raise StatisticsError(
-                        f"The model could not run on a statistics batch ({type(err).__name__}: {err}). {hint}"
-                    ) from err
-                n_batches += 1
-                if _budget_reached(collector.groups, max_tokens):
-                    break
+            ordered = iter(_sampling_order(batches, max_tokens))
+            with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+                batch = next(ordered, _END)
+                while not _stop_together(batch is _END, device):
+                    if not isinstance(batch, Mapping):
+                        raise StatisticsError(
+                            f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
+                            f"{type(batch).__name__}."
+                        )
+                    batch = _to_device(batch, device)
+                    masks = batch_token_masks(batch, is_encoder_decoder)
+                    if not is_encoder_decoder:
+                        # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
+                        batch = {k: v for k, v in batch.items() if k != "labels"}
+                    collector.start_batch(masks)
+                    try:
+                        model(**batch)
+                    except StatisticsError:
+                        raise
+                    except Exception as err:  # the batch does not fit the model
+                        hint = f"Each batch must hold the inputs the model's forward needs (got keys {sorted(batch)})."
+                        if "DTensor" in str(err):
+                            hint = ("Some parameters are still sharded: with FSDP2 apply `fully_shard` to "
+                                    "`peft_model.base_model.model` (the model this pass calls) as the root, not to "
+                                    "the PeftModel, whose forward hooks this pass does not run.")
+                        raise StatisticsError(
+                            f"The model could not run on a statistics batch ({type(err).__name__}: {err}). {hint}"
+                        ) from err
+                    n_batches += 1
+                    bar.update()
+                    done = (max_batches is not None and n_batches >= max_batches) or _budget_reached(
+                        collector.groups, max_tokens)
+                    batch = _END if done else next(ordered, _END)
     finally:
         model.train(was_training)
         reshard_fsdp_modules(model)  # FSDP2 keeps the root unsharded after a forward: hand back sharded params
