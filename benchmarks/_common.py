@@ -47,6 +47,15 @@ def spectrum(kind: str, d: int) -> torch.Tensor:
     return i ** -float(kind.split("=")[1])
 
 
+# ---------------------------------------------------------------------------------------------- baselines
+def freeze_lora(model) -> None:
+    """The "heads only" baseline from a LoRA PeftModel: freeze every LoRA factor, so only the trained modules
+    (``modules_to_save``, e.g. the classifier) learn."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(False)
+
+
 # ---------------------------------------------------------------------------------------------- arguments, setup
 def hidden_help() -> str:
     """``help=`` of an internal option (e.g. a child process's): hidden from ``--help``."""

@@ -102,9 +102,7 @@ def run(method: str, args, source: str, tasks, workdir: str):
         config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGETS, modules_to_save=["classifier"])
     model = get_peft_model(model, config)
     if method == "heads only":  # the frozen backbone: only the classifier trains
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(False)
+        C.freeze_lora(model)
     training = TrainingArguments(
         output_dir=workdir, num_train_epochs=args.epochs, max_steps=3 if args.quick else -1,
         per_device_train_batch_size=32, per_device_eval_batch_size=256, learning_rate=args.lr,

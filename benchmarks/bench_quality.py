@@ -65,9 +65,7 @@ def make_model(method: str, quick: bool, num_labels: int, n_tasks: int, r: int):
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets,
                                             modules_to_save=head))
     if method == "heads only":
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.requires_grad_(False)
+        C.freeze_lora(model)
     return model, []
 
 
