@@ -4,27 +4,23 @@ Importing the package registers the ``"inflora"`` method with PEFT, so ``get_pef
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes know it.
 """
 
-from .config import (
-    INFLORA_TARGET_MODULES_MAPPING,
+from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter_weights
+from .errors import (
     AdapterFileError,
-    InfLoRAConfig,
-    UnknownConfigFieldError,
-    check_adapter_weights,
-)
-from .export import ExportedLayer, LoraExport
-from .hub import HubPushError, task_revision_name, task_revisions
-from .layer import InfLoRALayer, Linear, NoTaskInProgressError
-from .model import (
-    InfLoRAModel,
-    LayerCapacity,
-    LayerInterference,
+    NoTaskInProgressError,
+    ShardedAdapterError,
+    SketchWarning,
+    StatisticsError,
     SubspaceExhaustedError,
     SubspaceWarning,
     TaskLifecycleError,
+    UnknownConfigFieldError,
 )
+from .export import ExportedLayer, LoraExport
+from .hub import HubPushError, task_revision_name, task_revisions
+from .layer import InfLoRALayer, Linear
+from .model import InfLoRAModel, LayerCapacity, LayerInterference
 from .registry import register as _register
-from .sketch import SketchWarning
-from .statistics import StatisticsError
 from .metrics import ContinualResult
 from .trainer import ContinualCallback, ContinualTask, ContinualTrainer, tokenize_instruction_dataset
 
@@ -50,6 +46,7 @@ __all__ = [
     "LoraExport",
     "Linear",
     "NoTaskInProgressError",
+    "ShardedAdapterError",
     "SketchWarning",
     "StatisticsError",
     "SubspaceExhaustedError",

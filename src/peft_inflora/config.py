@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import registry
+from .errors import AdapterFileError, UnknownConfigFieldError
 from .sketch import sketch_size
 
 
@@ -537,18 +538,6 @@ class InfLoRAConfig(PeftConfig):
 
 
 # ---------------------------------------------------------------------------------------------- loading helpers
-class UnknownConfigFieldError(TypeError, ValueError):
-    """The config has fields this version of peft-inflora does not know (a typo, or saved by a newer release).
-
-    A ``TypeError`` like the dataclass's own error for an unexpected keyword, and a ``ValueError`` like the other
-    invalid-config errors.
-    """
-
-
-class AdapterFileError(ValueError):
-    """A saved adapter's weights file is missing, truncated, corrupted, or in the (unsafe) pickle format."""
-
-
 def _check_known_fields(cls: type, kwargs: dict) -> None:
     known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(kwargs) - known)

@@ -41,16 +41,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .errors import ShardedAdapterError
 from .layer import InfLoRALayer
 
 try:  # torch >= 2.4 (public DTensor); older torch has no FSDP2
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - depends on the torch build
     DTensor = None
-
-
-class ShardedAdapterError(RuntimeError):
-    """InfLoRA's own parameters are sharded (FSDP2 ``fully_shard`` took them in): the lifecycle cannot run."""
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

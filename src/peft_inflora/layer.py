@@ -35,14 +35,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
+from .errors import NoTaskInProgressError
 from .subspace import Memory
 
 MEMORY_FORM_CODES = {"basis": 0, "complement": 1}
 MEMORY_FORM_NAMES = {code: name for name, code in MEMORY_FORM_CODES.items()}
-
-
-class NoTaskInProgressError(RuntimeError):
-    """Raised when an InfLoRA layer is trained while no task has been begun."""
 
 
 class InfLoRALayer(BaseTunerLayer):

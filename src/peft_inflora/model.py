@@ -25,6 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from .errors import SubspaceExhaustedError, SubspaceWarning, TaskLifecycleError
 from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear
 from .sketch import sketch_size
@@ -38,18 +39,6 @@ from .subspace import (
     memory_capacity,
     update_memory,
 )
-
-
-class SubspaceExhaustedError(ValueError):
-    """The memory of some layer spans its whole input space: a new task has no free direction to learn in."""
-
-
-class TaskLifecycleError(RuntimeError):
-    """begin_task / end_task / abort_task called out of order."""
-
-
-class SubspaceWarning(UserWarning):
-    """Fewer free directions than the configured rank remain in some layer."""
 
 
 @dataclass

@@ -96,6 +96,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .errors import SketchWarning
+
 __all__ = [
     "SKETCH_AUTO_SIZE",
     "FrequentDirections",
@@ -112,10 +114,6 @@ the exact covariance). Chosen from benchmarks/bench_statistics_memory.py: see be
 LLM scale") for the principal-angle cosines it gives against the exact design and memory."""
 
 _F64 = torch.float64
-
-
-class SketchWarning(UserWarning):
-    """The statistics sketch is too small for what it is used for (e.g. the energy threshold cannot be reached)."""
 
 
 def sketch_size(value: Union[int, str, None]) -> Optional[int]:

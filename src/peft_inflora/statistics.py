@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import check_adapter_not_sharded, reshard_fsdp_modules
+from .errors import StatisticsError
 from .sketch import SketchAccumulator, uses_sketch
 
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
@@ -45,10 +46,6 @@ AUTO_BATCH_FRACTION = 8
 """``max_tokens="auto"`` reads at most ``ceil(n / 8)`` of ``n`` batches (at least one): with a no-grad forward at
 about 0.45 of a training step, the two passes of a task then cost about 0.11 of a training epoch plus the design."""
 KEY_VALUE_NAMES = ("k", "v", "key", "value", "k_proj", "v_proj", "to_k", "to_v")
-
-
-class StatisticsError(ValueError):
-    """The statistics pass could not produce a covariance (no batches, no tokens, bad batches, non-finite values)."""
 
 
 @dataclass
