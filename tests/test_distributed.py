@@ -218,3 +218,20 @@ def test_adapter_parameters_and_gradient_average_without_distributed():
     grads = [p.grad.clone() for p in params]
     assert all_reduce_gradients(params) == 4
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+
+
+# ---------------------------------------------------------------------------------------------- is torch.distributed running
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with the gloo backend is not available in this torch build")
+def test_is_distributed_is_true_exactly_while_a_process_group_runs(tmp_path):
+    """The one test of "is torch.distributed running" that statistics, the sketch merge and saving use."""
+    from peft_inflora.distributed import is_distributed, world_size
+
+    assert not torch.distributed.is_initialized()  # nothing else in this process started one
+    assert (is_distributed(), world_size()) == (False, 1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert (is_distributed(), world_size()) == (True, 1)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert (is_distributed(), world_size()) == (False, 1)

@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 from .errors import ShardedAdapterError
-from .layer import InfLoRALayer
 
 try:  # torch >= 2.4 (public DTensor); older torch has no FSDP2
     from torch.distributed.tensor import DTensor
@@ -54,6 +53,8 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every InfLoRA parameter of ``model`` (the ``A_t`` of each adapter in each InfLoRA layer, empty ones
     included): pass them as ``fully_shard(..., ignored_params=set(...))`` so FSDP leaves them whole, and after each
     backward to :func:`all_reduce_gradients`. Call it again after ``begin_task``: each task has new ``A_t``."""
+    from .layer import InfLoRALayer  # here, not at the top: the subspace math imports this module (is_distributed)
+
     params: list[nn.Parameter] = []
     for module in model.modules():
         if isinstance(module, InfLoRALayer):
@@ -61,8 +62,15 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _is_distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is running: built into this torch and a default process group initialised. The
+    one definition of that test in the method (statistics all-reduce, sketch merge, token-budget stop, saving)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in the default group: ``torch.distributed.get_world_size()`` while it runs, else 1."""
+    return torch.distributed.get_world_size() if is_distributed() else 1
 
 
 def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> int:
@@ -74,7 +82,7 @@ def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> i
         The number of gradients averaged.
     """
     grads = [p.grad for p in params if p.grad is not None and p.grad.numel() > 0]
-    if not grads or not _is_distributed():
+    if not grads or not is_distributed():
         return len(grads)
     if DTensor is not None and any(isinstance(g, DTensor) for g in grads):
         raise ShardedAdapterError("all_reduce_gradients averages replicated gradients, but some are sharded "
@@ -152,7 +160,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, rank: Opti
     state included), and all processes wait for the files before returning."""
     state = full_state_dict(model)
     if rank is None:
-        rank = torch.distributed.get_rank() if _is_distributed() else 0
+        rank = torch.distributed.get_rank() if is_distributed() else 0
     model.save_pretrained(str(save_directory), state_dict=state, is_main_process=rank == 0, **save_kwargs)
-    if _is_distributed():
+    if is_distributed():
         torch.distributed.barrier()

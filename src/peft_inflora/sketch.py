@@ -96,6 +96,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .distributed import world_size
 from .errors import SketchWarning
 
 __all__ = [
@@ -518,9 +519,7 @@ class SketchAccumulator:
         sketch is broadcast so every process holds the identical sketch. Exact products, counts and squared-norm sums
         are all-reduced.
         """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
+        world = world_size()
         if world == 1:
             return
         dist = torch.distributed

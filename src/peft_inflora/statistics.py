@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distributed import check_adapter_not_sharded, reshard_fsdp_modules
+from .distributed import check_adapter_not_sharded, reshard_fsdp_modules, world_size
 from .errors import StatisticsError
 from .sketch import SketchAccumulator, uses_sketch
 
@@ -74,10 +74,9 @@ class CovarianceAccumulator:
 
     def all_reduce(self) -> None:
         """Sum ``S`` and ``N`` over all processes of the default group (no-op without torch.distributed)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
-                torch.distributed.all_reduce(self.sum)
-                torch.distributed.all_reduce(self.count)
+        if world_size() > 1:
+            torch.distributed.all_reduce(self.sum)
+            torch.distributed.all_reduce(self.count)
 
     def covariance(self) -> torch.Tensor:
         return self.sum / self.count.clamp_min(1)
@@ -270,11 +269,10 @@ def _stop_together(stop: bool, device: torch.device) -> bool:
     """``stop`` on any process means stop on every process (one all-reduce of a flag; no-op without
     torch.distributed), so every process runs the same number of forwards: under FSDP each forward is a collective,
     and a process that ran one more than the others would wait for them forever."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            flag = torch.tensor(float(stop), device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            return bool(flag.item())
+    if world_size() > 1:
+        flag = torch.tensor(float(stop), device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
     return stop
 
 
