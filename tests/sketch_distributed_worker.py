@@ -2,7 +2,7 @@
 MASTER_ADDR and MASTER_PORT set (one process per rank, gloo on CPU).
 
 Every rank draws the same tokens X [N, d], sketches its shard (rows rank, rank + W, ...) in batches of 13 rows with a
-:class:`~peft_inflora.sketch.SketchAccumulator` (once without a memory, once split by the memory ``memory()``), merges
+:class:`~peft_inflora.subspace.SketchAccumulator` (once without a memory, once split by the memory ``memory()``), merges
 with ``all_reduce()`` and writes what it then holds to OUT/rank{RANK}.pt.
 """
 
@@ -11,8 +11,7 @@ import sys
 
 import torch
 
-from peft_inflora.sketch import SketchAccumulator
-from peft_inflora.subspace import Memory
+from peft_inflora.subspace import Memory, SketchAccumulator
 
 N, D, ELL = 300, 24, 5
 

@@ -12,6 +12,7 @@ import pytest
 import peft_inflora
 from peft_inflora import errors
 
+
 METHOD_MODULES = ["config", "distributed", "export", "layer", "model", "registry", "sketch",
                   "statistics", "subspace"]
 

@@ -1,4 +1,5 @@
-"""Specification of the bounded-memory statistics (``InfLoRAConfig(statistics_sketch=ell)``, peft_inflora.sketch).
+"""Specification of the bounded-memory statistics (``InfLoRAConfig(statistics_sketch=ell)``,
+peft_inflora.subspace.sketch).
 
 * Frequent Directions keeps its guarantee, checked against numpy float64 on random matrices:
   ``0 <= x^T (X^T X - S^T S) x <= Delta <= ||X - X_k||_F^2 / (ell + 1 - k)``;
@@ -25,17 +26,20 @@ from tiny_models import text_classification_batches, tiny_bert
 
 import peft_inflora.model as model_module
 from peft_inflora import InfLoRAConfig
-from peft_inflora.sketch import (
+from peft_inflora.statistics import CovarianceAccumulator, collect_statistics
+from peft_inflora.subspace import (
     SKETCH_AUTO_SIZE,
     FrequentDirections,
     LowRankCovariance,
+    Memory,
     SketchAccumulator,
     SketchWarning,
+    captured_energy_ratio,
+    design_eigen,
     sketch_size,
+    update_memory,
     uses_sketch,
 )
-from peft_inflora.statistics import CovarianceAccumulator, collect_statistics
-from peft_inflora.subspace import Memory, captured_energy_ratio, design_eigen, update_memory
 
 HERE = Path(__file__).parent
 
@@ -375,7 +379,7 @@ def memories(model) -> dict[str, Memory]:
     return {n: layer.get_memory("default") for n, layer in model.base_model.inflora_layers().items()}
 
 
-@pytest.mark.filterwarnings("ignore::peft_inflora.sketch.SketchWarning")  # 6 rows are too few for tiny BERT
+@pytest.mark.filterwarnings("ignore::peft_inflora.errors.SketchWarning")  # 6 rows are too few for tiny BERT
 def test_lifecycle_in_sketch_mode_uses_sketches_and_keeps_the_invariants(monkeypatch):
     seen, forms = [], []
     original = model_module.collect_statistics
@@ -424,7 +428,7 @@ def test_lifecycle_equals_exact_mode_when_each_pass_sees_at_most_ell_tokens():
             torch.testing.assert_close(memories(sketched)[name].projector(), memory.projector(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.filterwarnings("ignore::peft_inflora.sketch.SketchWarning")
+@pytest.mark.filterwarnings("ignore::peft_inflora.errors.SketchWarning")
 def test_save_and_load_keep_the_field_and_the_state(tmp_path):
     model = sketch_model(ell=6)
     batches = text_classification_batches(seed=0, n_batches=4)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import peft_inflora.subspace as S
 from peft_inflora import InfLoRAConfig
 from peft_inflora.subspace import (
     AUTO_EXACT_MAX_DIM,
@@ -20,7 +19,9 @@ from peft_inflora.subspace import (
     captured_energy_ratio,
     design_eigen,
     principal_angle_cosines,
+    randomized,
     resolve_solver,
+    solvers,
     update_memory,
 )
 
@@ -88,12 +89,12 @@ def t(a: np.ndarray) -> torch.Tensor:
 
 
 def no_dense_decomposition(monkeypatch):
-    """Make every dense path of the module fail, so a test proves the randomized path ran."""
+    """Make every dense path of the solvers fail, so a test proves the randomized path ran."""
     def boom(*args, **kwargs):
         raise AssertionError("a dense decomposition ran")
 
     for name in ("_projected_left_singular", "_gram_left_singular", "_projected_eigh", "_sigma_max"):
-        monkeypatch.setattr(S, name, boom)
+        monkeypatch.setattr(solvers, name, boom)
 
 
 # ---------------------------------------------------------------------------------------------- solver choice
@@ -182,7 +183,7 @@ def test_randomized_memory_sequence_matches_numpy(monkeypatch, kind, energy):
         C = covariance(10 + task, d=D_MEM, decay=decay)
         M = ref_memory(C, M, 0.95, energy)
         references.append((C, M))
-    assert S.RANDOMIZED_FIRST_BLOCK < references[0][1].shape[1] <= D_MEM * S.RANDOMIZED_MAX_FRACTION
+    assert randomized.RANDOMIZED_FIRST_BLOCK < references[0][1].shape[1] <= D_MEM * randomized.RANDOMIZED_MAX_FRACTION
     no_dense_decomposition(monkeypatch)
     for C, M in references:
         memory = update_memory(memory, t(C), 0.95, kind=kind, energy=energy, solver="randomized")
@@ -219,7 +220,7 @@ def test_randomized_memory_captures_the_threshold_of_every_later_task():
 def test_flat_spectrum_falls_back_to_a_dense_eigh_with_the_same_result():
     C = power_law_covariance(40, alpha=0.25)  # 95% of the squared energy needs most directions
     M = ref_memory(C, np.zeros((D, 0)), 0.95)
-    assert M.shape[1] > D * S.RANDOMIZED_MAX_FRACTION
+    assert M.shape[1] > D * randomized.RANDOMIZED_MAX_FRACTION
     memory = update_memory(Memory.empty(D), t(C), 0.95, solver="randomized")
     assert memory.dimension == M.shape[1]
     got = explicit_basis(memory)
@@ -234,17 +235,17 @@ def test_threshold_one_keeps_every_non_negligible_direction():
 
 def test_more_directions_estimate():
     flat = torch.ones(16, dtype=torch.float64)
-    assert S._more_directions(flat, 4.5, 100) == 5  # flat bound
+    assert randomized._more_directions(flat, 4.5, 100) == 5  # flat bound
     decaying = torch.arange(1, 17, dtype=torch.float64) ** -2.0
     missing = float((torch.arange(17, 41, dtype=torch.float64) ** -2.0).sum())
-    estimate = S._more_directions(decaying, missing, 1000)
+    estimate = randomized._more_directions(decaying, missing, 1000)
     assert 20 <= estimate <= 30  # power law fitted to the tail: about 24 more
-    assert S._more_directions(decaying, math.inf, 50) == 51
+    assert randomized._more_directions(decaying, math.inf, 50) == 51
 
 
 def test_exact_sigma_max_uses_the_symmetric_eigenvalues():
     C = t(covariance(60))
-    assert S._sigma_max(C) == pytest.approx(float(torch.linalg.matrix_norm(C, ord=2)), rel=1e-12)
+    assert solvers._sigma_max(C) == pytest.approx(float(torch.linalg.matrix_norm(C, ord=2)), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- through the model

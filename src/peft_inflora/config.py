@@ -15,7 +15,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import registry
 from .errors import AdapterFileError, UnknownConfigFieldError
-from .sketch import sketch_size
+from .subspace import sketch_size
 
 
 registry.ensure_peft_type()  # PeftType.INFLORA exists from here on
@@ -141,7 +141,8 @@ class InfLoRAConfig(PeftConfig):
             without a `d_in x d_in` matrix; data of rank <= ell gives exactly the design and memory of the exact
             mode, and a `SketchWarning` says when ell is too small for the memory update. `"auto"`: ell = 256
             (16 MiB per group at d_in = 4096). Must be at least `r` (and every `rank_pattern` rank). The
-            interference report keeps the exact statistics. Accuracy against the exact mode: `peft_inflora.sketch`.
+            interference report keeps the exact statistics. Accuracy against the exact mode:
+            `peft_inflora.subspace.sketch`.
         share_input_statistics (`bool`, *optional*, defaults to `True`):
             Compute one covariance (and design) for targeted layers that read the same input tensor, e.g. the key and
             value projections of one attention block. Saves memory and time; results are the same.

@@ -7,6 +7,7 @@ exported from ``peft_inflora``. This module imports nothing, so any part of the 
 
 from __future__ import annotations
 
+
 __all__ = [
     "AdapterFileError",
     "NoTaskInProgressError",

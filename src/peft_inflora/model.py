@@ -28,7 +28,6 @@ from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
 from .errors import SubspaceExhaustedError, SubspaceWarning, TaskLifecycleError
 from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear
-from .sketch import sketch_size
 from .statistics import InputGroup, collect_statistics
 from .subspace import (
     Memory,
@@ -37,6 +36,7 @@ from .subspace import (
     design_random,
     energy_threshold,
     memory_capacity,
+    sketch_size,
     update_memory,
 )
 

@@ -11,9 +11,10 @@ every token. Under ``torch.distributed`` the sums and counts are all-reduced so 
 
 Bounded memory (``sketch=ell``, ``InfLoRAConfig.statistics_sketch``): an input group of width ``d_in > 2 ell`` keeps a
 Frequent Directions sketch (``2 ell x d_in``) and the exact trace instead of the ``d_in x d_in`` sum
-(:class:`~peft_inflora.sketch.SketchAccumulator`; its ``covariance()`` is a
-:class:`~peft_inflora.sketch.LowRankCovariance`, which the design and the memory update accept). Narrower groups keep
-the exact sum, which is then no larger.
+(:class:`~peft_inflora.subspace.SketchAccumulator`; its ``covariance()`` is a
+:class:`~peft_inflora.subspace.LowRankCovariance`, which the design and the memory update accept).
+Narrower groups keep the exact sum (:class:`~peft_inflora.subspace.CovarianceAccumulator`), which is then
+no larger.
 
 Token budget: a pass may stop early, once every input group has seen ``max_tokens`` (non-padding) tokens; ``"auto"``
 means ``AUTO_TOKENS_PER_FEATURE * d_in`` tokens for a group with ``d_in`` input features, and at most
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .distributed import check_adapter_not_sharded, reshard_fsdp_modules, world_size
 from .errors import StatisticsError
-from .sketch import SketchAccumulator, uses_sketch
+from .subspace import CovarianceAccumulator, SketchAccumulator, uses_sketch
 
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 AUTO_TOKENS_PER_FEATURE = 16
@@ -48,57 +49,15 @@ about 0.45 of a training step, the two passes of a task then cost about 0.11 of 
 KEY_VALUE_NAMES = ("k", "v", "key", "value", "k_proj", "v_proj", "to_k", "to_v")
 
 
-@dataclass
-class CovarianceAccumulator:
-    """Running ``S = sum_n x_n x_n^T`` (``d x d``) and token count ``N``; ``covariance() = S / N``."""
-
-    dim: int
-    dtype: torch.dtype = torch.float64
-    device: Optional[torch.device] = None
-    sum: torch.Tensor = field(init=False)
-    count: torch.Tensor = field(init=False)
-    local_count: int = field(init=False, default=0)  # tokens added by this process (no device sync to read)
-
-    def __post_init__(self) -> None:
-        self.sum = torch.zeros(self.dim, self.dim, dtype=self.dtype, device=self.device)
-        self.count = torch.zeros((), dtype=torch.float64, device=self.device)
-
-    def update(self, tokens: torch.Tensor) -> None:
-        """Add the rows of ``tokens`` (``n x d``): one GEMM ``S += X^T X``."""
-        if tokens.shape[0] == 0:
-            return
-        x = tokens.detach().to(device=self.sum.device, dtype=self.dtype)
-        self.sum.addmm_(x.T, x)
-        self.count += x.shape[0]
-        self.local_count += int(x.shape[0])
-
-    def all_reduce(self) -> None:
-        """Sum ``S`` and ``N`` over all processes of the default group (no-op without torch.distributed)."""
-        if world_size() > 1:
-            torch.distributed.all_reduce(self.sum)
-            torch.distributed.all_reduce(self.count)
-
-    def covariance(self) -> torch.Tensor:
-        return self.sum / self.count.clamp_min(1)
-
-    def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.sum).all())
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the statistics (the ``d x d`` sum)."""
-        return self.sum.numel() * self.sum.element_size()
-
-
 Accumulator = Union[CovarianceAccumulator, SketchAccumulator]
 
 
 def make_accumulator(dim: int, dtype: torch.dtype = torch.float64, device: Optional[torch.device] = None,
                      sketch: Optional[int] = None, memory=None) -> Accumulator:
-    """The accumulator of an input group of width ``dim``: a :class:`~peft_inflora.sketch.SketchAccumulator` with a
+    """The accumulator of an input group of width ``dim``: a :class:`~peft_inflora.subspace.SketchAccumulator` with a
     Frequent Directions sketch of ``sketch`` rows (split by the group's ``memory``, a
     :class:`~peft_inflora.subspace.Memory`, if given) when the sketch is smaller than the exact covariance
-    (``2 * sketch < dim``, :func:`~peft_inflora.sketch.uses_sketch`), else the exact ``dim x dim`` sum."""
+    (``2 * sketch < dim``, :func:`~peft_inflora.subspace.uses_sketch`), else the exact ``dim x dim`` sum."""
     if uses_sketch(sketch, dim):
         return SketchAccumulator(dim, int(sketch), dtype=dtype, device=device, memory=memory)
     return CovarianceAccumulator(dim, dtype, device)
