@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 
 import numpy as np
@@ -377,3 +378,27 @@ def test_target_modules_mapping_matches_the_installed_transformers(model_type, k
     found = leaf_names & set(INFLORA_TARGET_MODULES_MAPPING[model_type])
     expected = 1 if model_type == "gpt2" else 2
     assert len(found) == expected, (model_type, found, sorted(leaf_names))
+
+
+CHOICE_LISTS = {"design": "DESIGNS", "memory": "MEMORIES", "energy": "ENERGIES", "fold": "FOLDS",
+                "statistics_dtype": "STATISTICS_DTYPES", "solver": "SOLVERS"}
+
+
+def test_each_choice_list_is_defined_once():
+    """The config checks memory, energy and solver against the very lists the subspace math checks."""
+    from peft_inflora import config, subspace, validation
+
+    assert config.MEMORIES is validation.MEMORIES is subspace.MEMORY_KINDS
+    assert config.ENERGIES is validation.ENERGIES is subspace.ENERGIES
+    assert config.SOLVERS is validation.SOLVERS is subspace.SOLVERS
+
+
+@pytest.mark.parametrize("name", sorted(CHOICE_LISTS))
+def test_every_listed_choice_is_accepted_and_others_are_refused_naming_the_list(name):
+    from peft_inflora import validation
+
+    choices = getattr(validation, CHOICE_LISTS[name])
+    for value in choices:
+        assert getattr(InfLoRAConfig(**{name: value}), name) == value
+    with pytest.raises(ValueError, match=re.escape(f"{name} must be one of {list(choices)}, got 'nope'")):
+        InfLoRAConfig(**{name: "nope"})

@@ -13,8 +13,8 @@ import peft_inflora
 from peft_inflora import errors
 
 
-METHOD_MODULES = ["config", "distributed", "export", "layer", "model", "registry", "sketch",
-                  "statistics", "subspace"]
+METHOD_MODULES = ["config", "constants", "distributed", "export", "layer", "loading", "model", "registry", "sketch",
+                  "statistics", "subspace", "validation"]
 
 # where each class was defined before errors.py existed: the old import paths keep working
 OLD_HOMES = {

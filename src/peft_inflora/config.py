@@ -1,55 +1,32 @@
-"""Configuration of InfLoRA adapters: :class:`InfLoRAConfig` and the default target modules per model type."""
+"""Configuration of InfLoRA adapters: :class:`InfLoRAConfig` (default target modules per model type: constants.py)."""
 
 from __future__ import annotations
 
-import functools
 import math
-import numbers
 import os
-import re
-from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 from peft.config import PeftConfig
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from . import registry
-from .errors import AdapterFileError, UnknownConfigFieldError
-from .subspace import sketch_size
+from .constants import INFLORA_TARGET_MODULES_MAPPING
+from .errors import AdapterFileError, UnknownConfigFieldError  # noqa: F401  (importable from here, as before)
+from .loading import check_adapter_weights
+from .validation import (  # noqa: F401  (the choice lists stay importable from here)
+    DESIGNS,
+    ENERGIES,
+    FOLDS,
+    MEMORIES,
+    SOLVERS,
+    STATISTICS_DTYPES,
+    _check_known_fields,
+    _refuse_unknown_fields,
+    validate_fields,
+)
 
 
 registry.ensure_peft_type()  # PeftType.INFLORA exists from here on
-
-
-# model_type -> default `target_modules` when the config leaves them unset. LoRA's table, except that InfLoRA's paper
-# adapts the key and value projections of ViTs. transformers 5.x names them `k_proj` / `v_proj` (older releases:
-# `key` / `value`); both are listed, PEFT only needs one name of a list to match.
-INFLORA_TARGET_MODULES_MAPPING: dict[str, list[str]] = {
-    model_type: list(modules) for model_type, modules in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.items()
-}
-INFLORA_TARGET_MODULES_MAPPING.update(
-    {
-        "vit": ["k_proj", "v_proj", "key", "value"],
-        "deit": ["k_proj", "v_proj", "key", "value"],
-        "dinov2": ["k_proj", "v_proj", "key", "value"],
-        "bert": ["query", "value"],
-        "roberta": ["query", "value"],
-        "gpt2": ["c_attn"],
-        "t5": ["q", "v"],
-        "mt5": ["q", "v"],
-        "llama": ["q_proj", "v_proj"],
-        "mistral": ["q_proj", "v_proj"],
-        "qwen2": ["q_proj", "v_proj"],
-        "qwen3": ["q_proj", "v_proj"],
-    }
-)
-
-DESIGNS = ("eigen", "random")
-MEMORIES = ("dualgpm", "gpm")
-ENERGIES = ("squared", "linear")
-FOLDS = ("adapter", "base")
-STATISTICS_DTYPES = ("float32", "float64")
-SOLVERS = ("auto", "exact", "randomized")
 
 
 @dataclass
@@ -365,122 +342,7 @@ class InfLoRAConfig(PeftConfig):
 
     # ------------------------------------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        self.r = _positive_int("r", self.r, "use e.g. 10 (paper) or 8")
-        self.target_modules = _module_names("target_modules", self.target_modules)
-        self.exclude_modules = _module_names("exclude_modules", self.exclude_modules)
-        self.fan_in_fan_out = _boolean("fan_in_fan_out", self.fan_in_fan_out)
-
-        if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not isinstance(self.modules_to_save, (list, tuple, set)):
-                raise ValueError(
-                    f"modules_to_save must be a list of module names or None, got {self.modules_to_save!r}: "
-                    "e.g. ['classifier']."
-                )
-            _all_strings("modules_to_save", self.modules_to_save)
-            self.modules_to_save = list(self.modules_to_save)
-
-        if self.layers_to_transform is not None:
-            if isinstance(self.layers_to_transform, (list, tuple)):
-                self.layers_to_transform = [
-                    _non_negative_int("layers_to_transform", i, "use layer indices like [0, 1, 2]")
-                    for i in self.layers_to_transform
-                ]
-            else:
-                self.layers_to_transform = _non_negative_int(
-                    "layers_to_transform", self.layers_to_transform, "use a layer index or a list of them"
-                )
-            if isinstance(self.target_modules, str):
-                raise ValueError(
-                    f"layers_to_transform={self.layers_to_transform!r} cannot be used with target_modules given as a "
-                    f"regex ({self.target_modules!r}): pass target_modules as a list of names, or put the layer "
-                    "indices into the regex and drop layers_to_transform."
-                )
-        if self.layers_pattern is not None:
-            if self.layers_to_transform is None:
-                raise ValueError(
-                    f"layers_pattern={self.layers_pattern!r} is set but layers_to_transform is not: set "
-                    "layers_to_transform to the layer indices to adapt, or drop layers_pattern."
-                )
-            if isinstance(self.layers_pattern, (list, tuple)):
-                _all_strings("layers_pattern", self.layers_pattern)
-                self.layers_pattern = list(self.layers_pattern)
-            elif not isinstance(self.layers_pattern, str) or not self.layers_pattern:
-                raise ValueError(
-                    f"layers_pattern must be a module-list name like 'layers' or 'h' (or a list of them), got "
-                    f"{self.layers_pattern!r}."
-                )
-
-        if self.rank_pattern is None:
-            self.rank_pattern = {}
-        if not isinstance(self.rank_pattern, dict):
-            raise ValueError(
-                f"rank_pattern must be a dict of module name or regex -> rank, got {self.rank_pattern!r}: e.g. "
-                "{'k_proj': 16}."
-            )
-        for key, value in self.rank_pattern.items():
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"rank_pattern keys must be non-empty module names or regexes, got {key!r}.")
-            _regex("rank_pattern", key)
-            self.rank_pattern[key] = _positive_int(f"rank_pattern[{key!r}]", value, "use a rank >= 1")
-
-        self.design = _choice("design", self.design, DESIGNS, "'eigen' for the paper's ViT design")
-        self.design_scale = _real("design_scale", self.design_scale)
-        if not (math.isfinite(self.design_scale) and self.design_scale > 0):
-            raise ValueError(
-                f"design_scale must be a finite number > 0, got {self.design_scale!r}: use the default "
-                f"1/sqrt(3) = {1 / math.sqrt(3):.6f} (authors' code)."
-            )
-        self.memory = _choice("memory", self.memory, MEMORIES, "'dualgpm' as in the paper")
-        self.energy_threshold = _real("energy_threshold", self.energy_threshold)
-        if not (0.0 < self.energy_threshold <= 1.0):  # also False for NaN
-            raise ValueError(
-                f"energy_threshold must be in (0, 1], got {self.energy_threshold!r}: use e.g. 0.95 (paper's lambda "
-                "for ViTs); it is a fraction of energy, not a percentage."
-            )
-        self.energy = _choice("energy", self.energy, ENERGIES, "'squared', what published thresholds assume")
-        if self.total_tasks is not None:
-            self.total_tasks = _positive_int(
-                "total_tasks", self.total_tasks, "set it to the number of tasks in the sequence, or None"
-            )
-        self.adaptive_threshold = _boolean("adaptive_threshold", self.adaptive_threshold)
-        if self.adaptive_threshold and self.total_tasks is None:
-            raise ValueError(
-                "adaptive_threshold=True plans each layer's capacity for the tasks still to come, so it needs "
-                "total_tasks: set total_tasks to the number of tasks in the sequence, or adaptive_threshold=False."
-            )
-        self.fold = _choice("fold", self.fold, FOLDS, "'adapter' to keep the base weights untouched")
-        self.cache_past_weight = _boolean("cache_past_weight", self.cache_past_weight)
-        if self.statistics_max_batches is not None:
-            self.statistics_max_batches = _positive_int(
-                "statistics_max_batches", self.statistics_max_batches, "use None to read all batches, or e.g. 1000"
-            )
-        if self.statistics_max_tokens is not None and self.statistics_max_tokens != "auto":
-            self.statistics_max_tokens = _positive_int(
-                "statistics_max_tokens", self.statistics_max_tokens, "use 'auto', None to read all batches, or e.g. "
-                "65536"
-            )
-        self.statistics_dtype = _choice(
-            "statistics_dtype", self.statistics_dtype, STATISTICS_DTYPES, "'float64' unless memory is tight"
-        )
-        if self.statistics_sketch is not None and self.statistics_sketch != "auto":
-            self.statistics_sketch = _positive_int(
-                "statistics_sketch", self.statistics_sketch, "use 'auto' (256 rows), an int like 512, or None for the "
-                "exact covariance"
-            )
-        if self.statistics_sketch is not None:
-            ell, rank = sketch_size(self.statistics_sketch), max([self.r, *self.rank_pattern.values()])
-            if ell < rank:
-                raise ValueError(
-                    f"statistics_sketch={self.statistics_sketch!r} keeps {ell} directions per input group, fewer than "
-                    f"the rank {rank} a task's B_t needs: use statistics_sketch >= {rank} ('auto' = 256 rows, "
-                    "ideally several times the rank), or None for the exact covariance."
-                )
-        self.share_input_statistics = _boolean("share_input_statistics", self.share_input_statistics)
-        self.solver = _choice("solver", self.solver, SOLVERS, "'auto' (exact up to 1024 input features)")
-        self.random_seed = _non_negative_int("random_seed", self.random_seed, "use e.g. 0")
-        if self.random_seed >= 2**63:
-            raise ValueError(f"random_seed must be < 2**63, got {self.random_seed!r}: use e.g. 0.")
-        self.init_weights = _boolean("init_weights", self.init_weights)
+        validate_fields(self)  # the rules: peft_inflora.validation
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -538,151 +400,7 @@ class InfLoRAConfig(PeftConfig):
         return config
 
 
-# ---------------------------------------------------------------------------------------------- loading helpers
-def _check_known_fields(cls: type, kwargs: dict) -> None:
-    known = {f.name for f in fields(cls) if f.init}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        # the wording must not contain "got an unexpected keyword argument": PEFT's PeftConfig.from_peft_type catches
-        # TypeErrors with that text and retries without the fields (with a warning to upgrade PEFT, the wrong package)
-        raise UnknownConfigFieldError(
-            f"{cls.__name__} of peft-inflora {_package_version()} has no field(s) {unknown}. If they come from an "
-            "adapter_config.json saved by a newer peft-inflora, upgrade it: pip install -U peft-inflora (they are not "
-            "ignored because they may change how later tasks are designed or protected; delete them from "
-            "adapter_config.json only if you are sure they do not matter). If they are typos, the known fields are: "
-            f"{sorted(known)}."
-        )
-
-
-def _refuse_unknown_fields(init):
-    """Wrap the dataclass ``__init__`` so unknown keywords raise :class:`UnknownConfigFieldError` (also when PEFT's
-    ``PeftConfig.from_pretrained`` builds the config, which bypasses :meth:`InfLoRAConfig.check_kwargs`)."""
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        _check_known_fields(type(self), kwargs)
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
 InfLoRAConfig.__init__ = _refuse_unknown_fields(InfLoRAConfig.__init__)
-
-
-def check_adapter_weights(folder: Union[str, os.PathLike]) -> None:
-    """Check the weights file of a local adapter folder without loading any tensor (nothing is unpickled).
-
-    * ``adapter_model.safetensors`` present: its header must parse and cover the file (catches truncated and
-      corrupted files; NaN / inf values and shapes are checked when the weights are loaded into the model);
-    * only ``adapter_model.bin`` present: refused. It is a pickle file, and unpickling can run arbitrary code;
-      peft-inflora only loads safetensors;
-    * neither: nothing to check here (a config-only folder is fine for reading the config).
-
-    Raises:
-        AdapterFileError: naming the file and what to do.
-    """
-    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-
-    folder = str(folder)
-    safetensors_file = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    pickle_file = os.path.join(folder, WEIGHTS_NAME)
-    if os.path.isfile(safetensors_file):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(safetensors_file, framework="pt") as handle:
-                list(handle.keys())
-        except Exception as exc:  # SafetensorError, OSError, ...
-            raise AdapterFileError(
-                f"The adapter weights file {safetensors_file} cannot be read ({type(exc).__name__}: {exc}): it is "
-                "truncated or corrupted, e.g. by an interrupted download or copy. Download or copy the adapter again "
-                "(for the Hub: delete it from the Hugging Face cache first), or save it again with "
-                "model.save_pretrained(folder)."
-            ) from exc
-    elif os.path.isfile(pickle_file):
-        raise AdapterFileError(
-            f"{folder} holds the adapter weights only as {WEIGHTS_NAME}, a pickle file, and no "
-            f"{SAFETENSORS_WEIGHTS_NAME}: peft-inflora loads adapter weights only from safetensors, because "
-            "unpickling a file can run arbitrary code. Save the adapter again with model.save_pretrained(folder) "
-            "(safetensors is the default; do not pass safe_serialization=False), or, if you trust the file, "
-            f"convert it once: safetensors.torch.save_file(torch.load('{pickle_file}', weights_only=True), "
-            f"'{safetensors_file}')."
-        )
-
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version("peft-inflora")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
-# ---------------------------------------------------------------------------------------------- validation helpers
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: Any, hint: str) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}: {hint}.")
-    return int(value)
-
-
-def _non_negative_int(name: str, value: Any, hint: str) -> int:
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}: {hint}.")
-    return int(value)
-
-
-def _real(name: str, value: Any) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r} of type {type(value).__name__}.")
-    return float(value)
-
-
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}.")
-    return value
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...], hint: str) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}: use {hint}.")
-    return value
-
-
-def _regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({exc}); fix or escape it.") from exc
-
-
-def _all_strings(name: str, values) -> None:
-    bad = [value for value in values if not isinstance(value, str) or not value]
-    if bad:
-        raise ValueError(f"{name} must contain only non-empty module names, got {bad!r} in {values!r}.")
-
-
-def _module_names(name: str, value: Any) -> Optional[Union[set[str], str]]:
-    """``None``, a regex string, or a set of names (lists are turned into sets, as PEFT's configs do)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if not value:
-            raise ValueError(f"{name} must not be an empty string: give module names like ['k_proj'] or a regex.")
-        _regex(name, value)
-        return value
-    if isinstance(value, (list, tuple, set, frozenset)):
-        _all_strings(name, value)
-        return set(value)
-    raise ValueError(
-        f"{name} must be a list of module names or a regex string, got {value!r} of type {type(value).__name__}: "
-        "e.g. ['k_proj', 'v_proj']."
-    )
 
 
 __all__ = [
