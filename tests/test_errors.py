@@ -13,7 +13,8 @@ import peft_inflora
 from peft_inflora import errors
 
 
-METHOD_MODULES = ["config", "constants", "distributed", "export", "layer", "loading", "model", "registry", "sketch",
+METHOD_MODULES = ["config", "constants", "distributed", "export", "layer", "lifecycle", "loading", "model", "registry",
+                  "reports", "sketch",
                   "statistics", "subspace", "validation"]
 
 # where each class was defined before errors.py existed: the old import paths keep working

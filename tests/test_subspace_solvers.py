@@ -263,13 +263,13 @@ def test_model_uses_the_configured_solver(monkeypatch):
 
     calls = []
     for name in ("design_eigen", "update_memory"):
-        original = getattr(__import__("peft_inflora.model", fromlist=[name]), name)
+        original = getattr(__import__("peft_inflora.lifecycle", fromlist=[name]), name)
 
         def spy(*args, __original=original, __name=name, **kwargs):
             calls.append((__name, kwargs.get("solver")))
             return __original(*args, **kwargs)
 
-        monkeypatch.setattr(f"peft_inflora.model.{name}", spy)
+        monkeypatch.setattr(f"peft_inflora.lifecycle.{name}", spy)
     torch.manual_seed(0)
     model = get_peft_model(Net(), InfLoRAConfig(r=4, target_modules=["lin"], solver="randomized"))
     g = torch.Generator().manual_seed(0)

@@ -15,96 +15,27 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, _get_submodules
-from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
+from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
-from .errors import SubspaceExhaustedError, SubspaceWarning, TaskLifecycleError
+from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: importable from here, as before)
+    SubspaceExhaustedError,
+    SubspaceWarning,
+    TaskLifecycleError,
+)
 from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear
+from .lifecycle import design_groups, update_group_memories
+from .loading import checked_load_plan, resize_for_load, undo_failed_load
+from .reports import LayerCapacity, LayerInterference, capacity_report, interference_report
 from .statistics import InputGroup, collect_statistics
-from .subspace import (
-    Memory,
-    captured_energy_ratio,
-    design_eigen,
-    design_random,
-    energy_threshold,
-    memory_capacity,
-    sketch_size,
-    update_memory,
-)
-
-
-@dataclass
-class LayerCapacity:
-    """One adapted layer's memory after the tasks done so far.
-
-    ``free_dimension = d_in - memory_dimension`` directions are left for the ``B_t`` of later tasks; the next task
-    gets its full ``rank`` only while ``free_dimension >= rank`` (:attr:`can_host_next_task`).
-    ``energy_thresholds`` holds the threshold each finished task's memory update used (below the configured
-    schedule where ``adaptive_threshold`` capped the memory to keep room for the remaining tasks)."""
-
-    layers: list[str]
-    d_in: int
-    memory_dimension: int
-    free_dimension: int
-    memory_form: str
-    rank: int = 0
-    tasks_done: int = 0
-    energy_thresholds: list[float] = field(default_factory=list)
-
-    @property
-    def energy_threshold(self) -> Optional[float]:
-        """The threshold of the last finished task (``None`` before the first)."""
-        return self.energy_thresholds[-1] if self.energy_thresholds else None
-
-    @property
-    def can_host_next_task(self) -> bool:
-        return self.free_dimension >= self.rank
-
-    @property
-    def tasks_at_full_rank(self) -> int:
-        """How many more tasks find ``rank`` free directions if each adds ``rank`` directions to the memory."""
-        return self.free_dimension // self.rank if self.rank > 0 else 0
-
-
-@dataclass
-class LayerInterference:
-    """How much the designed ``B_t`` of the task in progress reads the inputs of some (old) task, in one input group.
-
-    ``X`` (``N x d_in``) holds the group's input vectors over the batches given to
-    :meth:`InfLoRAModel.interference_report` (non-padding tokens, as the model produces them now).
-
-    Attributes:
-        layers: the adapted layers of the group (they read the same input).
-        d_in: input dimension.
-        rank: rows of ``B_t`` (the largest in the group).
-        tokens: ``N``.
-        input_norm: ``||X||_F``.
-        design_norm: ``max over the group's layers of ||B_t||_2`` (spectral norm).
-        leakage: ``max over the group's layers of ||X B_t^T||_F / (||B_t||_2 ||X||_F)``, in ``[0, 1]``: 0 when the
-            inputs lie in the memory (orthogonal to every row of ``B_t``), 1 when they all lie along ``B_t``'s top
-            right singular vector.
-    """
-
-    layers: list[str]
-    d_in: int
-    rank: int
-    tokens: int
-    input_norm: float
-    design_norm: float
-    leakage: float
-
-    def bound(self, delta_a_norm: float) -> float:
-        """Largest ``||X B_t^T (A' - A)^T||_F`` (the change of the layer's outputs on ``X``) for
-        ``||A' - A||_2 = delta_a_norm``: ``leakage * delta_a_norm * design_norm * input_norm``."""
-        return self.leakage * delta_a_norm * self.design_norm * self.input_norm
+from .subspace import sketch_size
 
 
 def _layer_class_for(target: nn.Module) -> Optional[type]:
@@ -135,44 +66,6 @@ def _check_target(config: InfLoRAConfig, key: str, target: nn.Module) -> None:
             f"r={r} is larger than layer '{key}' allows (in_features={in_features}, out_features={out_features}): "
             f"use r <= {limit}, or give this layer a smaller rank with rank_pattern={{'{key}': {limit}}}."
         )
-
-
-def _undo_failed_load(model: nn.Module, adapter_name: str) -> None:
-    """After loading adapter weights failed: take the adapter out of ``model`` (a ``PeftModel``) again, so that the
-    base model the caller passed to ``PeftModel.from_pretrained`` is left as it was (its modules, weights and
-    ``requires_grad`` flags), and ``load_adapter`` leaves the other adapters as they were. Best effort: a failure here
-    must not hide the load error."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, InfLoRAModel) or adapter_name not in tuner.peft_config:
-        return  # layers injected by other means (e.g. transformers' integration): nothing we can safely undo
-    layers = [m for m in tuner.model.modules() if isinstance(m, InfLoRALayer) and adapter_name in m.inflora_A]
-    if any(layer.tasks_done(adapter_name) or layer.task_in_progress(adapter_name) for layer in layers):
-        return  # never throw away learned state: only a freshly injected, empty adapter is taken out
-    try:
-        if len(tuner.peft_config) > 1:
-            tuner.delete_adapter(adapter_name)
-            return
-        base = tuner.model
-        for key, module in list(base.named_modules()):
-            if isinstance(module, InfLoRALayer):
-                original = module.get_base_layer()
-            elif isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save copies made for the adapter
-                original = module.original_module
-            else:
-                continue
-            try:
-                parent, _, child_name = _get_submodules(base, key)
-            except AttributeError:  # inside a wrapper that was already replaced
-                continue
-            setattr(parent, child_name, original)
-        if "peft_config" in base.__dict__:
-            del base.peft_config
-        flags = getattr(tuner, "_requires_grad_before_injection", {})
-        for name, param in base.named_parameters():
-            if name in flags:
-                param.requires_grad_(flags[name])
-    except Exception:  # pragma: no cover - defensive
-        warnings.warn(f"Could not take the adapter '{adapter_name}' out of the model after the failed load.")
 
 
 class InfLoRAModel(BaseTuner):
@@ -215,7 +108,7 @@ class InfLoRAModel(BaseTuner):
         so an unsupported module type or a rank too large for some layer fails with the model untouched."""
         super()._prepare_model(peft_config, model)
         tuner_layers = [key + "." for key, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-        if not tuner_layers:  # first adapter: remember what a failed load must restore (see _undo_failed_load)
+        if not tuner_layers:  # first adapter: remember what a failed load must restore (see loading.undo_failed_load)
             self._requires_grad_before_injection = {n: p.requires_grad for n, p in model.named_parameters()}
         for key, module in model.named_modules():
             if not key or any(key.startswith(prefix) for prefix in tuner_layers):
@@ -332,41 +225,7 @@ class InfLoRAModel(BaseTuner):
             )
         groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: statistics", progress)
 
-        designs: dict[str, torch.Tensor] = {}
-        exhausted, short = [], []
-        for index, group in enumerate(groups):
-            leader = layers[group.leader]
-            r_max = max(layers[n].r[name] for n in group.names)
-            memory = leader.get_memory(name)
-            if config.design == "eigen":
-                design = design_eigen(group.accumulator.covariance(), memory, r_max, scale=config.design_scale,
-                                      solver=config.solver)
-            else:
-                generator = torch.Generator().manual_seed(config.random_seed + 1_000_003 * done + index)
-                design = design_random(memory, r_max, scale=config.design_scale, generator=generator)
-            if design.shape[0] == 0:
-                exhausted.append((group.leader, memory))
-            elif design.shape[0] < r_max:
-                short.append((group.leader, design.shape[0], r_max, memory))
-            for n in group.names:
-                designs[n] = design[: layers[n].r[name]]
-        if exhausted:
-            lead, memory = exhausted[0]
-            raise SubspaceExhaustedError(
-                f"No free direction is left for task {done + 1} in {len(exhausted)} layer group(s), e.g. '{lead}': "
-                f"the memory spans {memory.dimension} of its {memory.d_in} input dimensions. Lower "
-                f"`energy_threshold` (now {config.energy_threshold}) so the memory keeps fewer directions, or "
-                "continue with a new adapter. Nothing was changed."
-            )
-        if short:
-            lead, got, want, memory = short[0]
-            warnings.warn(
-                f"Only {got} of r={want} directions are free for task {done + 1} in {len(short)} layer group(s), "
-                f"e.g. '{lead}' (memory {memory.dimension} of {memory.d_in} dims): the task's branch gets rank {got} "
-                "there. Lower `energy_threshold` to leave more room for later tasks.",
-                SubspaceWarning,
-                stacklevel=2,
-            )
+        designs = design_groups(groups, layers, name, config, done)
         if config.inference_mode:
             # loaded without is_trainable=True: learning a new task makes the adapter trainable again
             config.inference_mode = False
@@ -402,24 +261,8 @@ class InfLoRAModel(BaseTuner):
                 "a smaller learning rate (or gradient clipping). Nothing was changed."
             )
         done = self.tasks_done(name)
-        threshold = energy_threshold(config.energy_threshold, done, config.total_tasks)
-        tasks_left = config.total_tasks - done - 1 if config.adaptive_threshold else None
         groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: memory", progress)
-        memories: dict[str, Memory] = {}
-        used: dict[str, float] = {}
-        for group in groups:
-            memory = layers[group.leader].get_memory(name)
-            covariance = group.accumulator.covariance()
-            cap = None
-            if tasks_left is not None:
-                cap = memory_capacity(memory.d_in, max(layers[n].r[name] for n in group.names), tasks_left)
-            new_memory = update_memory(memory, covariance, threshold, kind=config.memory, energy=config.energy,
-                                       solver=config.solver, max_dimension=cap)
-            group_threshold = threshold
-            if cap is not None and new_memory.dimension >= cap:  # capped: the energy the memory really keeps
-                group_threshold = min(threshold, captured_energy_ratio(new_memory, covariance, config.energy))
-            for n in group.names:
-                memories[n], used[n] = new_memory, group_threshold
+        memories, used = update_group_memories(groups, layers, name, config, done)
         for n, layer in layers.items():
             layer.set_memory(name, memories[n])
             layer.fold_task(name, energy_threshold=used[n])
@@ -438,13 +281,7 @@ class InfLoRAModel(BaseTuner):
         """Per adapted layer: the memory's dimension, the free dimension left for new tasks, the layer's rank and the
         energy threshold each finished task used (see :class:`LayerCapacity`)."""
         name = self._resolve_adapter(adapter_name)
-        report = []
-        for n, layer in self.inflora_layers(name).items():
-            memory = layer.get_memory(name)
-            report.append(LayerCapacity([n], memory.d_in, memory.dimension, memory.free_dimension, memory.form,
-                                        rank=layer.r[name], tasks_done=layer.tasks_done(name),
-                                        energy_thresholds=layer.energy_thresholds(name)))
-        return report
+        return capacity_report(self.inflora_layers(name), name)
 
     def interference_report(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
                             progress: bool = False) -> list[LayerInterference]:
@@ -482,24 +319,7 @@ class InfLoRAModel(BaseTuner):
                 "the task in progress. Call `begin_task(new_task_batches)` first, then pass an old task's batches."
             )
         groups = self._statistics(name, layers, batches, "InfLoRA interference", progress, exact=True)
-        report = []
-        for group in groups:
-            S = group.accumulator.sum.to(torch.float64)  # X^T X
-            input_sq = float(torch.diagonal(S).sum().clamp_min(0.0))
-            leakage, design_norm, rank = 0.0, 0.0, 0
-            for n in group.names:
-                B = layers[n].inflora_B[name].detach().to(device=S.device, dtype=torch.float64)
-                if B.shape[0] == 0:
-                    continue
-                spectral = float(torch.linalg.matrix_norm(B, ord=2))
-                read = float(((B @ S) * B).sum().clamp_min(0.0))  # trace(B X^T X B^T) = ||X B^T||_F^2
-                if spectral > 0 and input_sq > 0:
-                    leakage = max(leakage, (read / input_sq) ** 0.5 / spectral)
-                design_norm, rank = max(design_norm, spectral), max(rank, B.shape[0])
-            report.append(LayerInterference(list(group.names), int(S.shape[0]), rank,
-                                            int(group.accumulator.count.item()), input_sq ** 0.5, design_norm,
-                                            leakage))
-        return report
+        return interference_report(groups, layers, name)
 
     # ------------------------------------------------------------------ export
     def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None, rank: Optional[int] = None,
@@ -568,98 +388,22 @@ class InfLoRAModel(BaseTuner):
         return self._unload_and_optionally_merge(merge=False)
 
     # ------------------------------------------------------------------ loading
-    @staticmethod
-    def _checked_load_plan(model: nn.Module, config: InfLoRAConfig, adapter_name: str,
-                           state_dict: dict[str, torch.Tensor]) -> list[tuple]:
-        """Every InfLoRA tensor of the checkpoint, checked against the layers it is loaded into: present, the
-        layer's shapes, finite, consistent ranks. Raises ``ValueError`` naming the file and what to do."""
-        source = getattr(config, "_loaded_from", None)
-        where = f"The adapter in {source}" if source else "The adapter checkpoint"
-        trained_on = getattr(config, "base_model_name_or_path", None)
-        base_hint = f" ({trained_on})" if trained_on else ""
-        prefix = "base_model.model."
-        uses_prefix = any(k.startswith(prefix) for k in state_dict)
-        plan = []
-        for module_name, module in model.named_modules():
-            if not isinstance(module, InfLoRALayer) or adapter_name not in module.inflora_A:
-                continue
-            for attr in InfLoRALayer.resizable_state_names + ("inflora_memory_form",):
-                key = f"{module_name}.{attr}.{adapter_name}"
-                if uses_prefix and not key.startswith(prefix):
-                    key = prefix + key
-                if key not in state_dict:
-                    raise ValueError(
-                        f"{where} has no '{key}': it is truncated, or was saved from a model with other adapted "
-                        "layers. Load it onto the base model and target_modules it was trained with"
-                        f"{base_hint}, or download / copy the adapter again."
-                    )
-                plan.append((module, attr, state_dict[key], key))
-        saved = {(id(m), a): t for m, a, t, _ in plan}
-        for module, attr, tensor, key in plan:
-            fixed = {"inflora_A": (0, module.out_features), "inflora_B": (1, module.in_features),
-                     "inflora_past_A": (0, module.out_features), "inflora_past_B": (1, module.in_features),
-                     "inflora_memory": (0, module.in_features)}.get(attr)
-            ndim = 0 if attr == "inflora_memory_form" else 1 if attr in ("inflora_task_ranks",
-                                                                          "inflora_energy_thresholds") else 2
-            if tensor.dim() != ndim or (fixed is not None and tensor.shape[fixed[0]] != fixed[1]):
-                raise ValueError(
-                    f"{where}: '{key}' has shape {tuple(tensor.shape)} but the base model's layer is "
-                    f"{module.out_features} x {module.in_features}: this adapter was saved for a base model with "
-                    f"other shapes. Load it onto the base model it was trained on{base_hint}."
-                )
-            if attr in ("inflora_A", "inflora_B", "inflora_past_A", "inflora_past_B", "inflora_memory") and (
-                    not torch.isfinite(tensor).all()):
-                raise ValueError(f"{where}: '{key}' holds NaN or inf values: the adapter file is corrupted. Download "
-                                 "or copy the adapter again, or save it again from the model it came from.")
-        layer_names = {id(m): k.rsplit(".inflora_", 1)[0] for m, _, _, k in plan}
-        for module in {id(m): m for m, _, _, _ in plan}.values():
-            get = lambda attr: saved[(id(module), attr)]  # noqa: E731
-            consistent = (
-                get("inflora_A").shape[1] == get("inflora_B").shape[0]
-                and get("inflora_past_A").shape[1] == get("inflora_past_B").shape[0]
-                and int(get("inflora_task_ranks").sum()) == get("inflora_past_B").shape[0]
-                and get("inflora_energy_thresholds").numel() == get("inflora_task_ranks").numel()
-                and bool((get("inflora_task_ranks") >= 0).all())
-                and int(get("inflora_memory_form")) in (0, 1)
-                and get("inflora_memory").shape[1] <= module.in_features
-            )
-            if not consistent:
-                raise ValueError(
-                    f"{where}: the continual state saved for layer '{layer_names[id(module)]}' is inconsistent "
-                    "(ranks of A, B, the past factors and task_ranks do not agree): the adapter file is corrupted. "
-                    "Download or copy the adapter again, or save it again from the model it came from."
-                )
-        return plan
-
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Before loading: check every layer's saved state is present and fits the base model, then resize the
         continual-state tensors (their shapes grow with the tasks learned) so the checkpoint loads into them. With
-        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before)."""
+        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before).
+        See :mod:`peft_inflora.loading`."""
         # set by InfLoRAConfig.from_pretrained: this adapter was injected by the load now running (PeftModel.
         # from_pretrained / load_adapter of a new adapter), so a failure may take it out again
         fresh = config.__dict__.pop("_undo_if_load_fails", False)
         try:
             state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            plan = cls._checked_load_plan(model, config, adapter_name, state_dict)
+            plan = checked_load_plan(model, config, adapter_name, state_dict)
         except Exception:
             if fresh:
-                _undo_failed_load(model, adapter_name)  # nothing was loaded yet: leave the base model as it was given
+                undo_failed_load(model, adapter_name)  # nothing was loaded yet: leave the base model as it was given
             raise
-        saved = {(id(m), a): t for m, a, t, _ in plan}
-        for module, attr, tensor, _ in plan:
-            if attr == "inflora_past_A" and module.fold[adapter_name] == "base":
-                module.remove_folded_past(adapter_name)  # before its factors are replaced
-        for module, attr, tensor, _ in plan:
-            container = getattr(module, attr)
-            current = container[adapter_name]
-            if current.shape != tensor.shape:
-                new = torch.zeros(tensor.shape, dtype=current.dtype, device=current.device)
-                container[adapter_name] = (nn.Parameter(new, requires_grad=current.requires_grad)
-                                           if isinstance(current, nn.Parameter) else new)
-            if attr == "inflora_past_A" and module.fold[adapter_name] == "base":
-                device = current.device
-                module.add_past_to_base(tensor.to(device), saved[(id(module), "inflora_past_B")].to(device),
-                                        saved[(id(module), "inflora_task_ranks")], sign=1.0)
+        resize_for_load(plan, adapter_name)
         return state_dict
