@@ -5,6 +5,7 @@
     end_task(batches)    statistics pass with the trained branch -> GPM / DualGPM memory update -> fold A_t B_t into
                          the past (adapter factors or base weight)
     abort_task()         discard the current branch
+    with task(batches):  begin_task on entry, end_task on normal exit, abort_task when the block raises
 
 Every check runs and every new tensor is computed before the first piece of state is replaced, so a failing call
 leaves the adapter as it was.
@@ -12,9 +13,10 @@ leaves the adapter as it was.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -25,6 +27,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
 from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: importable from here, as before)
+    StatisticsError,
     SubspaceExhaustedError,
     SubspaceWarning,
     TaskLifecycleError,
@@ -77,10 +80,12 @@ class InfLoRAModel(BaseTuner):
         >>> import peft_inflora
         >>> from peft import get_peft_model
         >>> model = get_peft_model(base_model, peft_inflora.InfLoRAConfig(r=8, target_modules=["query", "value"]))
-        >>> model.begin_task(train_batches)
-        >>> ...  # train
-        >>> model.end_task(train_batches)
+        >>> with model.task(train_batches):  # begin_task on entry, end_task on exit, abort_task on an exception
+        ...     train(model)  # any loop or trainer
         ```
+
+    ``model.task(batches)`` is the same as ``model.begin_task(batches)``, training, then ``model.end_task(batches)``
+    (which remain available for loops that cannot use a ``with`` block); see :meth:`task`.
     """
 
     prefix: str = "inflora_"
@@ -276,6 +281,40 @@ class InfLoRAModel(BaseTuner):
             raise TaskLifecycleError(f"No task of adapter '{name}' is in progress: nothing to abort.")
         for layer in layers.values():
             layer.clear_branch(name)
+
+    @contextlib.contextmanager
+    def task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
+             progress: bool = True) -> Iterator[dict[str, int]]:
+        """One task as a ``with`` block: ``begin_task(batches)`` on entry, ``end_task(batches)`` on normal exit.
+
+        When the block raises, the task is aborted (``abort_task``: the memory and the finished tasks stay exactly
+        as they were before the block) and the exception propagates unchanged. When ``begin_task`` raises (e.g.
+        :class:`~peft_inflora.errors.SubspaceExhaustedError`), nothing was begun and nothing is aborted. When
+        ``end_task`` raises, it changed nothing: the task stays in progress, to be ended again or aborted.
+
+        Args:
+            batches: model-input dicts for both statistics passes, read twice: a list or a DataLoader, not a
+                one-shot iterator such as a generator (refused before anything changes).
+            adapter_name: the adapter (defaults to the active one).
+            progress: show tqdm progress bars.
+
+        Yields:
+            What ``begin_task`` returned: the rank ``r_t`` given to each adapted layer.
+        """
+        name = self._resolve_adapter(adapter_name)
+        if isinstance(batches, Iterator):
+            raise StatisticsError(
+                f"`batches` is an iterator ({type(batches).__name__}): model.task() reads it in begin_task and again "
+                "in end_task, and the first pass would use it up. Pass a list of batches or a DataLoader."
+            )
+        ranks = self.begin_task(batches, adapter_name=name, progress=progress)
+        try:
+            yield ranks
+        except BaseException:
+            if self.task_in_progress(name):  # the block may have ended or aborted the task itself
+                self.abort_task(name)
+            raise
+        self.end_task(batches, adapter_name=name, progress=progress)
 
     def capacity_report(self, adapter_name: Optional[str] = None) -> list[LayerCapacity]:
         """Per adapted layer: the memory's dimension, the free dimension left for new tasks, the layer's rank and the
