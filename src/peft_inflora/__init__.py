@@ -2,7 +2,14 @@
 
 Importing the package registers the ``"inflora"`` method with PEFT, so ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes know it.
+
+The method (config, layers, model, statistics, subspace math, export) needs only torch, transformers, peft and
+safetensors. The continual application's names (``ContinualTrainer``, ``ContinualResult``, ...) are importable from
+here too, but are loaded on first use (PEP 562 ``__getattr__``), so ``import peft_inflora`` does not pull in what the
+application needs (datasets, evaluate, matplotlib).
 """
+
+import importlib
 
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter_weights
 from .errors import (
@@ -17,16 +24,40 @@ from .errors import (
     UnknownConfigFieldError,
 )
 from .export import ExportedLayer, LoraExport
-from .hub import HubPushError, task_revision_name, task_revisions
 from .layer import InfLoRALayer, Linear
 from .model import InfLoRAModel, LayerCapacity, LayerInterference
 from .registry import register as _register
-from .metrics import ContinualResult
-from .trainer import ContinualCallback, ContinualTask, ContinualTrainer, tokenize_instruction_dataset
+
 
 _register(InfLoRAConfig, InfLoRAModel)
 
 __version__ = "0.1.0"
+
+# name -> module of the continual application that defines it, imported on first access
+_APPLICATION_NAMES = {
+    "ContinualCallback": ".trainer",
+    "ContinualResult": ".metrics",
+    "ContinualTask": ".trainer",
+    "ContinualTrainer": ".trainer",
+    "HubPushError": ".hub",
+    "task_revision_name": ".hub",
+    "task_revisions": ".hub",
+    "tokenize_instruction_dataset": ".trainer",
+}
+
+
+def __getattr__(name: str):
+    module = _APPLICATION_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_APPLICATION_NAMES))
+
 
 __all__ = [
     "AdapterFileError",
