@@ -152,9 +152,49 @@ def check_export_rank(rank: Any) -> Optional[int]:
     if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
         raise ValueError(
             f"rank must be an int >= 1 (the largest rank per layer of the exported LoRA) or None for the exact export "
-            f"(rank = sum of the task ranks), got {rank!r}. Nothing was written."
+            f"(rank = sum of the task ranks), got {rank!r}; a float energy threshold (as `peft.save_as_lora` also "
+            "accepts) is not supported for InfLoRA. Nothing was written."
         )
     return int(rank)
+
+
+def check_exportable(layers: Mapping[Optional[str], InfLoRALayer], adapter_name: str) -> None:
+    """Refuse an export of ``adapter_name`` that would not hold exactly its finished tasks, before anything is written.
+    The one check of both export paths: :meth:`InfLoRAModel.to_lora` calls it with all the adapter's layers, and
+    PEFT's ``convert_to_lora`` / ``save_as_lora`` reach it through each layer's ``supports_lora_conversion``, which
+    PEFT asks of every tuner layer before it converts anything (``None`` keys: layers whose name is unknown there).
+
+    Raises:
+        TaskLifecycleError: a task is in progress (``end_task`` or ``abort_task`` first), or no task is finished.
+        ValueError: a layer's finished tasks hold NaN or inf.
+    """
+    from .model import TaskLifecycleError  # here, not at the top: model imports this module
+
+    layers = {name: layer for name, layer in layers.items() if adapter_name in layer.inflora_A}
+    if not layers:
+        return
+    tasks_done = next(iter(layers.values())).tasks_done(adapter_name)
+    if any(layer.task_in_progress(adapter_name) for layer in layers.values()):
+        raise TaskLifecycleError(
+            f"Task {tasks_done + 1} of adapter '{adapter_name}' is in progress: the LoRA export holds finished tasks "
+            "only. Call `end_task(batches)` to keep the task or `abort_task()` to discard it, then export "
+            "(`to_lora` or `peft.save_as_lora`). Nothing was written."
+        )
+    if tasks_done == 0:
+        raise TaskLifecycleError(
+            f"Adapter '{adapter_name}' has no finished task: there is nothing to export. Learn a task with "
+            "`begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
+        )
+    broken = [name for name, layer in layers.items()
+              if not (torch.isfinite(layer.inflora_past_A[adapter_name]).all()
+                      and torch.isfinite(layer.inflora_past_B[adapter_name]).all())]
+    if broken:
+        which = f"{len(broken)} layer(s) of adapter '{adapter_name}', e.g. '{broken[0]}'," if broken[0] is not None \
+            else f"a layer of adapter '{adapter_name}'"
+        raise ValueError(
+            f"The finished tasks of {which} hold NaN or inf: the adapter is corrupted and cannot be exported. Load it "
+            "again from its files. Nothing was written."
+        )
 
 
 def check_save_directory(save_directory: Union[str, os.PathLike], overwrite: bool) -> str:
@@ -241,6 +281,35 @@ def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int]
     return as_saved(lora_A), as_saved(lora_B), s.cpu(), error
 
 
+def layer_lora_factors(layer: InfLoRALayer, adapter_name: str, rank: Optional[int] = None
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    """:func:`lora_factors` of one layer's finished tasks (``inflora_past_A`` / ``inflora_past_B`` of
+    ``adapter_name``, relative to the pristine base for both ``fold`` modes), or ``None`` when the layer holds no
+    finished task of the adapter (``R = 0``: nothing to export). The per-layer step of both export paths."""
+    if adapter_name not in layer.inflora_past_B or layer.inflora_past_B[adapter_name].shape[0] == 0:
+        return None
+    return lora_factors(layer.inflora_past_A[adapter_name], layer.inflora_past_B[adapter_name], rank)
+
+
+def convert_layer_to_lora(layer: InfLoRALayer, rank: Optional[int], adapter_name: str = "default"
+                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What PEFT's per-layer conversion returns (``peft.tuners.lora.conversion._convert_module_to_lora``, which
+    :func:`peft_inflora.registry.install_lora_conversion` routes here for InfLoRA layers): ``(lora_A, lora_B, r)``
+    from :func:`layer_lora_factors`, ``lora_A`` ``(r, d_in)``, ``lora_B`` ``(d_out, r)`` in PEFT's LoRA layout for
+    ``nn.Linear`` and ``Conv1D`` alike. ``r = 0`` (empty factors) for a layer without a finished task: PEFT then lists
+    it in ``exclude_modules``.
+
+    Raises:
+        ValueError: ``rank`` is not ``None`` or an int >= 1 (PEFT also passes float thresholds).
+    """
+    rank = check_export_rank(rank)
+    factors = layer_lora_factors(layer, adapter_name, rank)
+    if factors is None:
+        return torch.zeros(0, layer.in_features), torch.zeros(layer.out_features, 0), 0
+    lora_A, lora_B, _, _ = factors
+    return lora_A, lora_B, int(lora_A.shape[0])
+
+
 # ---------------------------------------------------------------------------------------------- config
 def _module_names_of_base(model: nn.Module) -> list[str]:
     """Names of the modules the pristine base model has: those of ``model`` without anything inside a tuner layer
@@ -322,7 +391,8 @@ def modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torc
 def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter_name: str, peft_config: Any,
                    rank: Optional[int] = None) -> LoraExport:
     """Build the LoRA export of ``adapter_name``'s finished tasks (nothing is written; see
-    :meth:`LoraExport.save_pretrained`). The caller checks the continual state (no task in progress, some finished).
+    :meth:`LoraExport.save_pretrained`). PEFT's ``convert_to_lora`` builds its adapter from the same per-layer
+    factors (:func:`convert_layer_to_lora`) after the same checks (:func:`check_exportable`).
 
     Args:
         model: the model the InfLoRA layers sit in (``InfLoRAModel.model``), for module names and
@@ -333,28 +403,21 @@ def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter
         rank: ``None`` for the exact export, else the largest rank per layer.
 
     Raises:
+        TaskLifecycleError: a task is in progress, or no task is finished.
         ValueError: ``rank`` is not an int >= 1, a layer's finished tasks hold NaN or inf, no layer has a finished
             task, or the adapter uses an auxiliary wrapper other than ``modules_to_save``.
     """
     rank = check_export_rank(rank)
-    broken = [name for name, layer in layers.items()
-              if not (torch.isfinite(layer.inflora_past_A[adapter_name]).all()
-                      and torch.isfinite(layer.inflora_past_B[adapter_name]).all())]
-    if broken:
-        raise ValueError(
-            f"The finished tasks of {len(broken)} layer(s) of adapter '{adapter_name}', e.g. '{broken[0]}', hold NaN "
-            "or inf: the adapter is corrupted and cannot be exported. Load it again from its files. Nothing was "
-            "written."
-        )
+    check_exportable(layers, adapter_name)
     exported: dict[str, ExportedLayer] = {}
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        past_A, past_B = layer.inflora_past_A[adapter_name], layer.inflora_past_B[adapter_name]
-        if past_B.shape[0] == 0:
+        factors = layer_lora_factors(layer, adapter_name, rank)
+        if factors is None:
             continue  # no finished task in this layer: nothing to add, left out of target_modules
-        lora_A, lora_B, s, error = lora_factors(past_A, past_B, rank)
-        exported[name] = ExportedLayer(name=name, source_rank=int(past_B.shape[0]), rank=int(lora_A.shape[0]),
-                                       relative_error=error, singular_values=s,
+        lora_A, lora_B, s, error = factors
+        exported[name] = ExportedLayer(name=name, source_rank=int(layer.inflora_past_B[adapter_name].shape[0]),
+                                       rank=int(lora_A.shape[0]), relative_error=error, singular_values=s,
                                        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)))
         state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = lora_A
         state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = lora_B

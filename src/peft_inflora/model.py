@@ -542,7 +542,8 @@ class InfLoRAModel(BaseTuner):
                 in the finished tasks.
             FileExistsError: ``save_directory`` already holds an adapter (pass ``overwrite=True``) or is a file.
 
-        Every check runs before anything is written.
+        Every check runs before anything is written. ``peft.save_as_lora(folder, model, rank)`` /
+        ``peft.convert_to_lora(model, rank)`` reach the same checks and per-layer factors (see :mod:`.export`).
         """
         name = self._resolve_adapter(adapter_name)
         check_export_rank(rank)
@@ -551,17 +552,6 @@ class InfLoRAModel(BaseTuner):
         layers = self.inflora_layers(name)
         if not layers:
             raise ValueError(f"Adapter '{name}' adapts no layer: there is nothing to export.")
-        if self.task_in_progress(name):
-            raise TaskLifecycleError(
-                f"Task {self.tasks_done(name) + 1} of adapter '{name}' is in progress: the LoRA export holds finished "
-                "tasks only. Call `end_task(batches)` to keep the task or `abort_task()` to discard it, then "
-                "`to_lora`. Nothing was written."
-            )
-        if self.tasks_done(name) == 0:
-            raise TaskLifecycleError(
-                f"Adapter '{name}' has no finished task: there is nothing to export. Learn a task with "
-                "`begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
-            )
         export = export_to_lora(self.model, layers, name, self.peft_config[name], rank=rank)
         if save_directory is not None:
             export.save_pretrained(save_directory, overwrite=overwrite)
