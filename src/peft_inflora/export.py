@@ -28,6 +28,12 @@ anchored regex instead, if some other module of the model would also match a lis
 (GPT-2 ``Conv1D``), and the adapter's ``modules_to_save`` copies (e.g. a trained classifier head) are written in the
 key format PEFT saves them in, so ``PeftModel.from_pretrained(base_model, folder)`` of plain ``peft`` loads the result
 with no ``peft_inflora`` installed.
+
+PEFT's own conversion, ``peft.save_as_lora(folder, model, rank)`` / ``peft.convert_to_lora(model, rank)``, takes the
+same path: it asks every layer ``supports_lora_conversion``, which runs :func:`check_exportable`, and converts each
+InfLoRA layer with :func:`convert_layer_to_lora` (routed there by
+:func:`peft_inflora.registry.install_lora_conversion`), so it writes the same tensors; the ``LoraConfig`` is
+PEFT's (no ``task_type``, ``revision``, ``fan_in_fan_out``). See ``docs/export.md``.
 """
 
 from __future__ import annotations
