@@ -607,6 +607,23 @@ def test_without_the_routing_peft_refuses_instead_of_converting_wrongly(monkeypa
     assert model.to_lora().tasks == 1  # to_lora does not depend on it
 
 
+def test_the_routing_is_installed_once_and_not_on_a_per_layer_function_it_was_not_written_for(monkeypatch):
+    import peft.tuners.lora.conversion as conversion
+
+    from peft_inflora.registry import install_lora_conversion
+
+    installed = conversion._convert_module_to_lora
+    assert install_lora_conversion() and conversion._convert_module_to_lora is installed  # importing did it already
+    assert not getattr(installed.__wrapped__, "_inflora_conversion", False)  # one wrapper around PEFT's function
+
+    def changed(module, rank, adapter_name="default", dtype=None):  # a PEFT release with another signature
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(conversion, "_convert_module_to_lora", changed)
+    assert not install_lora_conversion() and conversion._convert_module_to_lora is changed
+    assert not mlp_model(tasks=1).supports_lora_conversion()
+
+
 def _peft_refusal(model: PeftModel, folder, error: type) -> str:
     """``save_as_lora`` into ``folder`` and ``convert_to_lora`` both raise ``error``; no file is written (PEFT's
     ``save_as_lora`` makes the folder before it asks the model anything) and the model is unchanged. Returns the
