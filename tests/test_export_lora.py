@@ -378,6 +378,29 @@ def test_a_truncated_export_loads_in_peft_and_adds_exactly_its_factors(tmp_path)
         assert err == pytest.approx(export.layers[name].relative_error, abs=1e-6)
 
 
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.999, 1.0])
+def test_an_energy_share_keeps_the_fewest_directions_that_hold_it_as_peft_counts_them(share):
+    from peft.tuners.lora.conversion import _find_cutoff_index
+
+    model = mlp_model(tasks=3)
+    export = model.to_lora(rank=share)
+    config, state = convert_to_lora(model, rank=share)  # PEFT's threshold: the same factors
+    assert state.keys() == export.state_dict.keys()
+    assert all(torch.equal(state[key], export.state_dict[key]) for key in state)
+    for name, (past_A, past_B) in past_factors(model).items():
+        dW = past_A @ past_B
+        s = np.linalg.svd(dW, compute_uv=False)[: min(dW.shape + (9,))]
+        energy = np.cumsum(s ** 2) / np.sum(s ** 2)
+        k = int(np.argmax(energy >= share - 1e-12)) + 1  # fewest leading directions holding the share
+        layer = export.layers[name]
+        assert layer.rank == k == config.rank_pattern[name] == config.alpha_pattern[name]
+        # PEFT's own cutoff on the same spectrum picks the same rank
+        assert _find_cutoff_index(torch.from_numpy(s), share) == k
+        expected = np.sqrt(max(0.0, 1.0 - energy[k - 1]))
+        assert layer.relative_error == pytest.approx(expected, abs=1e-7)
+        assert layer.relative_error <= np.sqrt(1 - share) + 1e-7
+
+
 # ============================================================================================ targeting
 def test_layers_without_a_finished_task_are_left_out(tmp_path):
     model = mlp_model(tasks=2)
@@ -452,7 +475,7 @@ def test_an_adapter_with_no_finished_task_is_refused(tmp_path):
     assert_refused(mlp_model(tasks=0), tmp_path / "out", TaskLifecycleError, r"no finished task.*begin_task")
 
 
-@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "4"])
+@pytest.mark.parametrize("rank", [0, -3, 2.5, 0.0, True, "4"])
 def test_a_rank_that_is_not_an_int_of_at_least_one_is_refused(tmp_path, rank):
     assert_refused(mlp_model(tasks=1), tmp_path / "out", ValueError, r"rank must be an int >= 1", rank=rank)
 
@@ -672,7 +695,7 @@ def test_peft_refuses_non_finite_finished_tasks(tmp_path):
     assert "hold NaN or inf" in _peft_refusal(model, tmp_path / "out", ValueError)
 
 
-@pytest.mark.parametrize("rank", [0.9, -2])
+@pytest.mark.parametrize("rank", [-2, "4"])
 def test_peft_ranks_that_to_lora_does_not_take_are_refused_before_a_file_is_written(tmp_path, rank):
     model = mlp_model(tasks=1)
     with pytest.raises(ValueError, match="rank must be an int >= 1"):

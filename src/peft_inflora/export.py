@@ -20,6 +20,9 @@ which is exactly what a LoRA layer adds, ``scaling * lora_B @ lora_A`` with ``lo
       relative error = ||dW - lora_B lora_A||_F / ||dW||_F = sqrt(sum_{i > k'} s_i^2) / sqrt(sum_i s_i^2)
 
   (0.0 when ``dW = 0``).
+* **energy share** (``rank=t``, a float in ``(0, 1]``, what PEFT's ``convert_to_lora`` calls a threshold): per layer
+  the truncation above with the fewest ``k'`` leading singular values that hold the share ``t`` of the energy,
+  ``sum_{i <= k'} s_i^2 >= t * sum_i s_i^2``, so the relative error is at most ``sqrt(1 - t)``.
 
 The export is relative to the *pristine* base model, for ``fold="adapter"`` and ``fold="base"`` alike: the finished
 tasks' factors are stored in the adapter in both cases. Factors are written in float32 (computed in float64 when
@@ -58,6 +61,9 @@ from torch import nn
 
 from .layer import InfLoRALayer
 
+#: ``rank`` of an export: ``None`` (exact), an int ``k >= 1`` (largest rank per layer), a float in ``(0, 1]`` (share
+#: of each layer's energy to keep)
+ExportRank = Optional[Union[int, float]]
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 # files whose presence means a folder already holds a PEFT adapter
@@ -73,7 +79,8 @@ class ExportedLayer:
     Attributes:
         name: module name in the base model (the key in ``target_modules``).
         source_rank: ``R``, the summed rank of the finished tasks' branches (columns of ``past_A``).
-        rank: rank of the exported LoRA factors: ``R`` (exact), or ``min(k, len(singular_values))`` (truncated).
+        rank: rank of the exported LoRA factors: ``R`` (exact), ``min(k, len(singular_values))`` (truncated), or
+            ``energy_rank(singular_values, t)`` (energy share ``t``).
         relative_error: ``||dW - lora_B lora_A||_F / ||dW||_F`` of the truncation, from the singular values in
             float64 (0.0 for the exact export and when ``dW = 0``). The float32 rounding of the written factors adds
             about 1e-7 relative on top.
@@ -151,17 +158,20 @@ class LoraExport:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_export_rank(rank: Any) -> Optional[int]:
-    """``rank`` as an int (``None``: exact export). Raises ``ValueError`` for anything but an int >= 1."""
+def check_export_rank(rank: Any) -> ExportRank:
+    """``rank`` as ``None`` (exact export), an int >= 1 (largest rank per layer) or a float in ``(0, 1]`` (share of
+    each layer's energy to keep). Raises ``ValueError`` for anything else."""
     if rank is None:
         return None
-    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(
-            f"rank must be an int >= 1 (the largest rank per layer of the exported LoRA) or None for the exact export "
-            f"(rank = sum of the task ranks), got {rank!r}; a float energy threshold (as `peft.save_as_lora` also "
-            "accepts) is not supported for InfLoRA. Nothing was written."
-        )
-    return int(rank)
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank >= 1:
+        return int(rank)
+    if isinstance(rank, float) and 0.0 < rank <= 1.0:
+        return rank
+    raise ValueError(
+        f"rank must be an int >= 1 (the largest rank per layer of the exported LoRA), a float in (0, 1] (the share of "
+        f"each layer's energy sum s_i^2 to keep, as in peft.save_as_lora) or None for the exact export (rank = sum "
+        f"of the task ranks), got {rank!r}. Nothing was written."
+    )
 
 
 def check_exportable(layers: Mapping[Optional[str], InfLoRALayer], adapter_name: str) -> None:
@@ -258,8 +268,18 @@ def relative_truncation_error(singular_values: torch.Tensor, rank: int) -> float
     return math.sqrt(tail / total)
 
 
+def energy_rank(singular_values: torch.Tensor, share: float) -> int:
+    """The fewest leading singular values that hold ``share`` of the energy: the smallest ``k >= 1`` with
+    ``sum_{i < k} s_i^2 >= share * sum_i s_i^2`` (0-based ``i``; 1 when all ``s`` are 0)."""
+    cumulative = torch.cumsum(singular_values.to(torch.float64) ** 2, dim=0)
+    if float(cumulative[-1]) == 0.0:
+        return 1
+    k = int(torch.searchsorted(cumulative, share * cumulative[-1]).item()) + 1
+    return min(k, singular_values.numel())
+
+
 @torch.no_grad()
-def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int] = None
+def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: ExportRank = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """LoRA factors of one layer's finished tasks.
 
@@ -267,7 +287,8 @@ def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int]
         past_A: ``(d_out, R)``, the stacked ``A_j``.
         past_B: ``(R, d_in)``, the stacked ``B_j``.
         rank: ``None``: exact (``lora_A = past_B``, ``lora_B = past_A``); an int ``k >= 1``: the best rank
-            ``min(k, m)`` approximation (see the module docstring).
+            ``min(k, m)`` approximation (see the module docstring); a float ``t`` in ``(0, 1]``: the best rank
+            ``energy_rank(s, t)`` approximation.
 
     Returns:
         ``(lora_A, lora_B, singular_values, relative_error)``: ``lora_A`` ``(r, d_in)`` and ``lora_B`` ``(d_out, r)``
@@ -278,7 +299,7 @@ def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int]
     if rank is None:
         lora_A, lora_B, error = past_B.detach(), past_A.detach(), 0.0
     else:
-        k = min(rank, s.numel())
+        k = energy_rank(s, rank) if isinstance(rank, float) else min(rank, s.numel())
         root = s[:k].sqrt()
         lora_B = left[:, :k] * root[None, :]
         lora_A = root[:, None] * right[:k]
@@ -287,7 +308,7 @@ def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int]
     return as_saved(lora_A), as_saved(lora_B), s.cpu(), error
 
 
-def layer_lora_factors(layer: InfLoRALayer, adapter_name: str, rank: Optional[int] = None
+def layer_lora_factors(layer: InfLoRALayer, adapter_name: str, rank: ExportRank = None
                        ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
     """:func:`lora_factors` of one layer's finished tasks (``inflora_past_A`` / ``inflora_past_B`` of
     ``adapter_name``, relative to the pristine base for both ``fold`` modes), or ``None`` when the layer holds no
@@ -297,7 +318,7 @@ def layer_lora_factors(layer: InfLoRALayer, adapter_name: str, rank: Optional[in
     return lora_factors(layer.inflora_past_A[adapter_name], layer.inflora_past_B[adapter_name], rank)
 
 
-def convert_layer_to_lora(layer: InfLoRALayer, rank: Optional[int], adapter_name: str = "default"
+def convert_layer_to_lora(layer: InfLoRALayer, rank: ExportRank, adapter_name: str = "default"
                           ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """What PEFT's per-layer conversion returns (``peft.tuners.lora.conversion._convert_module_to_lora``, which
     :func:`peft_inflora.registry.install_lora_conversion` routes here for InfLoRA layers): ``(lora_A, lora_B, r)``
@@ -306,7 +327,7 @@ def convert_layer_to_lora(layer: InfLoRALayer, rank: Optional[int], adapter_name
     it in ``exclude_modules``.
 
     Raises:
-        ValueError: ``rank`` is not ``None`` or an int >= 1 (PEFT also passes float thresholds).
+        ValueError: ``rank`` is not ``None``, an int >= 1 or a float in ``(0, 1]``.
     """
     rank = check_export_rank(rank)
     factors = layer_lora_factors(layer, adapter_name, rank)
@@ -395,7 +416,7 @@ def modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torc
 
 
 def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter_name: str, peft_config: Any,
-                   rank: Optional[int] = None) -> LoraExport:
+                   rank: ExportRank = None) -> LoraExport:
     """Build the LoRA export of ``adapter_name``'s finished tasks (nothing is written; see
     :meth:`LoraExport.save_pretrained`). PEFT's ``convert_to_lora`` builds its adapter from the same per-layer
     factors (:func:`convert_layer_to_lora`) after the same checks (:func:`check_exportable`).
@@ -406,12 +427,13 @@ def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter
         layers: the adapter's InfLoRA layers by module name.
         adapter_name: the InfLoRA adapter.
         peft_config: its ``InfLoRAConfig`` (``modules_to_save``, ``task_type``, base model name and revision).
-        rank: ``None`` for the exact export, else the largest rank per layer.
+        rank: ``None`` for the exact export, an int for the largest rank per layer, a float in ``(0, 1]`` for the
+            share of each layer's energy to keep.
 
     Raises:
         TaskLifecycleError: a task is in progress, or no task is finished.
-        ValueError: ``rank`` is not an int >= 1, a layer's finished tasks hold NaN or inf, no layer has a finished
-            task, or the adapter uses an auxiliary wrapper other than ``modules_to_save``.
+        ValueError: ``rank`` is not None, an int >= 1 or a float in ``(0, 1]``, a layer's finished tasks hold NaN or
+            inf, no layer has a finished task, or the adapter uses an auxiliary wrapper other than ``modules_to_save``.
     """
     rank = check_export_rank(rank)
     check_exportable(layers, adapter_name)

@@ -513,8 +513,9 @@ class InfLoRAModel(BaseTuner):
         return report
 
     # ------------------------------------------------------------------ export
-    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None, rank: Optional[int] = None,
-                adapter_name: Optional[str] = None, overwrite: bool = False) -> LoraExport:
+    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None,
+                rank: Optional[Union[int, float]] = None, adapter_name: Optional[str] = None,
+                overwrite: bool = False) -> LoraExport:
         """Export the finished tasks as a plain PEFT LoRA adapter, relative to the pristine base model.
 
         Per adapted layer the finished tasks add ``dW = past_A past_B`` (``d_out x R`` times ``R x d_in``). Exact
@@ -527,7 +528,8 @@ class InfLoRAModel(BaseTuner):
         Args:
             save_directory: if given, write ``adapter_config.json`` and ``adapter_model.safetensors`` there
                 (as :meth:`LoraExport.save_pretrained`).
-            rank: ``None`` for the exact export, else the largest rank per layer (an int >= 1).
+            rank: ``None`` for the exact export, an int >= 1 for the largest rank per layer, or a float in
+                ``(0, 1]``: per layer the fewest directions holding that share of ``sum s_i^2`` (PEFT's threshold).
             adapter_name: the adapter (defaults to the active one).
             overwrite: replace an adapter already in ``save_directory``.
 
