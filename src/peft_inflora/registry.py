@@ -279,9 +279,10 @@ def install_lora_conversion() -> bool:
     @functools.wraps(original)
     def _convert_module_to_lora(module, rank, adapter_name="default"):
         from .export import convert_layer_to_lora
-        from .layer import InfLoRALayer
 
-        if isinstance(module, InfLoRALayer):
+        # by the state InfLoRA layers hold rather than isinstance, so layers made before a reload of the package
+        # (notebook autoreload) are still InfLoRA layers here
+        if hasattr(module, "inflora_past_A") and hasattr(module, "inflora_past_B"):
             return convert_layer_to_lora(module, rank, adapter_name)
         return original(module, rank, adapter_name)
 
