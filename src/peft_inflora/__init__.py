@@ -22,6 +22,7 @@ from .model import (
     SubspaceWarning,
     TaskLifecycleError,
 )
+from .registry import install_lora_conversion as _install_lora_conversion
 from .registry import register as _register
 from .sketch import SketchWarning
 from .statistics import StatisticsError
@@ -29,6 +30,7 @@ from .metrics import ContinualResult
 from .trainer import ContinualCallback, ContinualTask, ContinualTrainer, tokenize_instruction_dataset
 
 _register(InfLoRAConfig, InfLoRAModel)
+_install_lora_conversion()  # peft.save_as_lora / convert_to_lora export InfLoRA as to_lora does
 
 __version__ = "0.1.0"
 

@@ -513,8 +513,9 @@ class InfLoRAModel(BaseTuner):
         return report
 
     # ------------------------------------------------------------------ export
-    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None, rank: Optional[int] = None,
-                adapter_name: Optional[str] = None, overwrite: bool = False) -> LoraExport:
+    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None,
+                rank: Optional[Union[int, float]] = None, adapter_name: Optional[str] = None,
+                overwrite: bool = False) -> LoraExport:
         """Export the finished tasks as a plain PEFT LoRA adapter, relative to the pristine base model.
 
         Per adapted layer the finished tasks add ``dW = past_A past_B`` (``d_out x R`` times ``R x d_in``). Exact
@@ -527,7 +528,8 @@ class InfLoRAModel(BaseTuner):
         Args:
             save_directory: if given, write ``adapter_config.json`` and ``adapter_model.safetensors`` there
                 (as :meth:`LoraExport.save_pretrained`).
-            rank: ``None`` for the exact export, else the largest rank per layer (an int >= 1).
+            rank: ``None`` for the exact export, an int >= 1 for the largest rank per layer, or a float in
+                ``(0, 1]``: per layer the fewest directions holding that share of ``sum s_i^2`` (PEFT's threshold).
             adapter_name: the adapter (defaults to the active one).
             overwrite: replace an adapter already in ``save_directory``.
 
@@ -542,7 +544,8 @@ class InfLoRAModel(BaseTuner):
                 in the finished tasks.
             FileExistsError: ``save_directory`` already holds an adapter (pass ``overwrite=True``) or is a file.
 
-        Every check runs before anything is written.
+        Every check runs before anything is written. ``peft.save_as_lora(folder, model, rank)`` /
+        ``peft.convert_to_lora(model, rank)`` reach the same checks and per-layer factors (see :mod:`.export`).
         """
         name = self._resolve_adapter(adapter_name)
         check_export_rank(rank)
@@ -551,17 +554,6 @@ class InfLoRAModel(BaseTuner):
         layers = self.inflora_layers(name)
         if not layers:
             raise ValueError(f"Adapter '{name}' adapts no layer: there is nothing to export.")
-        if self.task_in_progress(name):
-            raise TaskLifecycleError(
-                f"Task {self.tasks_done(name) + 1} of adapter '{name}' is in progress: the LoRA export holds finished "
-                "tasks only. Call `end_task(batches)` to keep the task or `abort_task()` to discard it, then "
-                "`to_lora`. Nothing was written."
-            )
-        if self.tasks_done(name) == 0:
-            raise TaskLifecycleError(
-                f"Adapter '{name}' has no finished task: there is nothing to export. Learn a task with "
-                "`begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
-            )
         export = export_to_lora(self.model, layers, name, self.peft_config[name], rank=rank)
         if save_directory is not None:
             export.save_pretrained(save_directory, overwrite=overwrite)
