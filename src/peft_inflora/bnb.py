@@ -64,8 +64,8 @@ def fold_base_error(key: str, bits: int) -> ValueError:
         "quantized weight requantizes it, and the rounding error would change the outputs of the old tasks and could "
         "not be taken out again. Use fold='adapter' (the default): the base weight stays bit-exact and the finished "
         "tasks cost one low-rank product per layer. An adapter saved with fold='base' loads onto a quantized base as "
-        "fold='adapter' with the same saved state: `PeftModel.from_pretrained(model, path, "
-        "config=InfLoRAConfig.from_pretrained(path, fold='adapter'))`. Nothing was changed."
+        "fold='adapter' with the same saved state: `config = InfLoRAConfig.from_pretrained(path); config.fold = "
+        "'adapter'; PeftModel.from_pretrained(model, path, config=config)`. Nothing was changed."
     )
 
 
