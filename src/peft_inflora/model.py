@@ -145,14 +145,15 @@ def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     cls = _module_class(base)
     lookalike = (
-        f", a subclass of torch.nn.Linear but not torch.nn.Linear itself: InfLoRA cannot know how it stores and uses "
-        "its weight (quantized and customised layers differ), so merging and the forward could silently be wrong"
+        f" {cls.__module__}.{cls.__qualname__} is a subclass of torch.nn.Linear but not torch.nn.Linear itself: "
+        "InfLoRA cannot know how it stores and uses its weight (quantized and customised layers differ), so merging "
+        "and the forward could silently be wrong."
         if isinstance(base, nn.Linear) else ""
     )
     return TypeError(
-        f"InfLoRA cannot adapt module '{key}' of type {cls.__module__}.{cls.__qualname__}{lookalike}. Supported are "
-        "torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit / Linear8bitLt. Remove it from "
-        "`target_modules` (or narrow the pattern). Nothing was changed."
+        f"InfLoRA cannot adapt module '{key}' of type {cls.__name__}: only torch.nn.Linear and transformers' Conv1D "
+        f"are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from `target_modules` "
+        "(or narrow the pattern). Nothing was changed."
     )
 
 
