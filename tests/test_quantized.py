@@ -431,3 +431,46 @@ def test_a_linear_sharded_by_fsdp2_counts_as_linear():
     model.second.__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {})
     peft_model = get_peft_model(model, InfLoRAConfig(r=2, target_modules=["first", "second"]))
     assert set(peft_model.base_model.inflora_layers()) == {"first", "second"}
+
+
+# ============================================================================================ the trainer
+def test_continual_trainer_learns_generation_tasks_on_a_quantized_base(kind, tmp_path):
+    """QLoRA-style continual fine-tuning end to end: ContinualTrainer over two instruction tasks on a quantized tiny
+    Llama learns each task's answers exactly (greedy generation)."""
+    datasets = pytest.importorskip("datasets")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
+
+    from continual_fixtures import training_args
+    from peft_inflora import ContinualTask, ContinualTrainer, tokenize_instruction_dataset
+
+    words = "colour of grass sky animal that barks meows ? green blue dog cat".split()
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + words)},
+                                         unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]",
+                                        eos_token="[EOS]", unk_token="[UNK]")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    model = get_peft_model(load_quantized(tmp_path / "base", kind),
+                           InfLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+
+    def instructions(pairs):
+        return datasets.Dataset.from_dict({"prompt": [p for p, _ in pairs], "answer": [a for _, a in pairs]})
+
+    tasks = [ContinualTask(name, tokenize_instruction_dataset(instructions(pairs * 8), tokenizer), instructions(pairs))
+             for name, pairs in (("colours", [("colour of grass ?", "green"), ("colour of sky ?", "blue")]),
+                                 ("animals", [("animal that barks ?", "dog"), ("animal that meows ?", "cat")]))]
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path / "run", num_train_epochs=40,
+                                                               learning_rate=5e-2, per_device_train_batch_size=16),
+                               task_type="generation", processing_class=tokenizer,
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+                               generation_max_new_tokens=3)
+    result = trainer.train_continual(tasks)
+    assert result.accuracy_matrix[0][0] == 1.0 and result.accuracy_matrix[1][1] == 1.0
+    assert all(type(m) in (Linear4bit, Linear8bitLt) for m in model.base_model.inflora_layers().values())
