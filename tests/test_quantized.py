@@ -474,3 +474,35 @@ def test_continual_trainer_learns_generation_tasks_on_a_quantized_base(kind, tmp
     result = trainer.train_continual(tasks)
     assert result.accuracy_matrix[0][0] == 1.0 and result.accuracy_matrix[1][1] == 1.0
     assert all(type(m) in (Linear4bit, Linear8bitLt) for m in model.base_model.inflora_layers().values())
+
+
+def test_the_method_works_without_bitsandbytes(tmp_path):
+    """In a process where bitsandbytes cannot be imported, wrapping and a task on a float model still work."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+sys.modules["bitsandbytes"] = None  # import bitsandbytes -> ImportError, as when it is not installed
+import torch
+from peft import get_peft_model
+import peft_inflora
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+torch.manual_seed(0)
+model = get_peft_model(MLP(), peft_inflora.InfLoRAConfig(r=2, target_modules=["lin0", "lin1"]))
+batches = [{"x": torch.randn(16, 8)}]
+model.begin_task(batches, progress=False)
+model.end_task(batches, progress=False)
+assert model.base_model.tasks_done() == 1 and type(model.base_model.model.lin0) is peft_inflora.Linear
+assert sys.modules["bitsandbytes"] is None
+print("OK")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("OK"), done.stderr[-2000:]
