@@ -4,6 +4,7 @@ Importing the package registers the ``"inflora"`` method with PEFT, so ``get_pef
 ``PeftModel.from_pretrained``, ``PeftConfig.from_pretrained`` and the ``AutoPeftModel*`` classes know it.
 """
 
+from .bnb import QuantizedMergeWarning
 from .config import (
     INFLORA_TARGET_MODULES_MAPPING,
     AdapterFileError,
@@ -52,6 +53,7 @@ __all__ = [
     "LoraExport",
     "Linear",
     "NoTaskInProgressError",
+    "QuantizedMergeWarning",
     "SketchWarning",
     "StatisticsError",
     "SubspaceExhaustedError",

@@ -24,6 +24,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb import check_quantized_target, prepare_quantized_model, quantized_layer_class
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
 from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear
@@ -118,17 +119,41 @@ class LayerInterference:
         return self.leakage * delta_a_norm * self.design_norm * self.input_norm
 
 
+def _module_class(module: nn.Module) -> type:
+    """The class that defines ``module``'s computation: FSDP2's ``fully_shard`` (and ``replicate``) swap a module's
+    class for a subclass ``(FSDPModule, cls)`` that adds sharding only; that subclass counts as ``cls``."""
+    cls = type(module)
+    while len(cls.__bases__) == 2 and cls.__bases__[0].__module__.startswith("torch.distributed."):
+        cls = cls.__bases__[1]
+    return cls
+
+
 def _layer_class_for(target: nn.Module) -> Optional[type]:
+    """The InfLoRA layer class for a targeted module: ``torch.nn.Linear`` itself (not a subclass: a subclass may
+    store or use its weight otherwise, and merging / the cached past weight would then be wrong), transformers'
+    ``Conv1D``, or a supported bitsandbytes layer (:mod:`peft_inflora.bnb`); ``None`` for anything else."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, (nn.Linear, Conv1D)):
+    quantized = quantized_layer_class(base)
+    if quantized is not None:
+        return quantized
+    if _module_class(base) is nn.Linear or isinstance(base, Conv1D):
         return Linear
     return None
 
 
 def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    cls = _module_class(base)
+    lookalike = (
+        f" {cls.__module__}.{cls.__qualname__} is a subclass of torch.nn.Linear but not torch.nn.Linear itself: "
+        "InfLoRA cannot know how it stores and uses its weight (quantized and customised layers differ), so merging "
+        "and the forward could silently be wrong."
+        if isinstance(base, nn.Linear) else ""
+    )
     return TypeError(
-        f"InfLoRA cannot adapt module '{key}' of type {type(target).__name__}: only torch.nn.Linear and transformers' "
-        "Conv1D are supported. Remove it from `target_modules` (or narrow the pattern)."
+        f"InfLoRA cannot adapt module '{key}' of type {cls.__name__}: only torch.nn.Linear and transformers' Conv1D "
+        f"are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from `target_modules` "
+        "(or narrow the pattern). Nothing was changed."
     )
 
 
@@ -137,6 +162,7 @@ def _check_target(config: InfLoRAConfig, key: str, target: nn.Module) -> None:
     if _layer_class_for(target) is None:
         raise _unsupported_module_error(key, target)
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    check_quantized_target(key, base, config.fold)
     in_features, out_features = _get_in_out_features(base)
     rank_pattern = config.rank_pattern or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), config.r)
@@ -233,6 +259,7 @@ class InfLoRAModel(BaseTuner):
                 continue
             if self._check_target_module_exists(peft_config, key):
                 _check_target(peft_config, key, module)
+        prepare_quantized_model(model)
 
     @staticmethod
     def _create_new_module(inflora_config: InfLoRAConfig, adapter_name: str, target: nn.Module, r: int,
