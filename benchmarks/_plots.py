@@ -317,9 +317,10 @@ def write_long_sequence_plots(payload: Mapping, json_path: os.PathLike) -> list[
     stem, args, runs = Path(json_path).with_suffix(""), payload["args"], payload["runs"]
     seeds = sorted({run.get("seed", args.get("seed")) for run in runs})
     setting = f"{args['tasks']} permuted-digit tasks, r = {args['r']}, lambda = {args['energy_threshold']}"
-    paths = [plot_long_sequence_accuracy(
-        runs, f"{stem}_accuracy.png", f"Long sequence: {setting}; " + (
-            f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"))]
+    paths = []
+    if long_sequence_matrices(runs):  # a run stopped before its first task has no row to draw
+        paths.append(plot_long_sequence_accuracy(runs, f"{stem}_accuracy.png", f"Long sequence: {setting}; " + (
+            f"mean ± std over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}")))
     if any(run["result"].get("extra", {}).get("capacity") for run in runs):
         if len(seeds) > 1:
             paths.append(plot_free_dimension_seeds(runs, f"{stem}_free_dimension.png", args["r"],

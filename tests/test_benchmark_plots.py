@@ -186,6 +186,14 @@ def test_write_long_sequence_plots_one_seed_and_pooled_seeds(tmp_path):
         assert_png(path)
 
 
+def test_a_long_sequence_without_accuracy_rows_or_capacity_writes_no_plot(tmp_path):
+    payload = long_sequence_payload(np.random.default_rng(9), 0)
+    payload["runs"] = [payload["runs"][2]]  # sequential LoRA only: no capacity
+    assert [p.name for p in P.write_long_sequence_plots(payload, tmp_path / "a.json")] == ["a_accuracy.png"]
+    payload["runs"][0]["result"]["accuracy_matrix"] = []  # stopped before the first task ended
+    assert P.write_long_sequence_plots(payload, tmp_path / "b.json") == []
+
+
 def test_pool_replaces_a_rerun_and_refuses_different_settings():
     rng = np.random.default_rng(7)
     first, rerun = long_sequence_payload(rng, 0), long_sequence_payload(rng, 0)
