@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _plots  # noqa: E402
 
 METHODS = ["InfLoRA fixed", "InfLoRA adaptive", "sequential LoRA", "OSF", "heads only"]
 TARGETS = ["k_proj", "v_proj", "fc1"]
@@ -191,7 +192,8 @@ def main(argv=None) -> dict:
                   + (f" stopped: {row['stopped'][:200]}" if row["stopped"] else ""), flush=True)
             runs.append(row)
     payload = {"args": vars(args), "runs": runs}
-    C.write_results(args, "long_sequence", payload, markdown(runs, args))
+    path = C.write_results(args, "long_sequence", payload, markdown(runs, args))
+    _plots.write_long_sequence_plots(payload, path)  # long_sequence_accuracy / _free_dimension.png
     return payload
 
 

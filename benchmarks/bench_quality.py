@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+import _plots  # noqa: E402
 
 METHODS = ["InfLoRA eigen", "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "OSF",
            "heads only", "joint LoRA"]
@@ -210,7 +211,8 @@ def merge(args) -> dict:
     result = {"seeds": seeds, "seeds_per_method": {m: seeds_of[m] for m in order}, "methods": order,
               "task_names": task_names, "runs": runs, "merged_from": args.merge, "replaced": replaced,
               "environment": {**environment, "quick": False}}
-    C.write_results(args, "quality", result, markdown(result, compare_table(continual)))
+    path = C.write_results(args, "quality", result, markdown(result, compare_table(continual)))
+    _plots.write_quality_plots(result, path)  # quality_accuracy.png, quality_forgetting.png
     return result
 
 
@@ -248,7 +250,8 @@ def main(argv=None) -> dict:
     result = {"seeds": seeds, "methods": methods, "task_names": [t.name for t in tasks],
               "runs": {m: [r if isinstance(r, dict) else r.to_dict() for r in rs] for m, rs in runs.items()},
               "environment": C.environment(args)}
-    C.write_results(args, "quality", result, markdown(result, table))
+    path = C.write_results(args, "quality", result, markdown(result, table))
+    _plots.write_quality_plots(result, path)  # quality_accuracy.png, quality_forgetting.png
     return result
 
 

@@ -2,8 +2,8 @@
 MASTER_ADDR and MASTER_PORT set (one process per rank, gloo on CPU).
 
 Every rank draws the same tokens X [N, d], sketches its shard (rows rank, rank + W, ...) in batches of 13 rows with a
-:class:`~peft_inflora.subspace.SketchAccumulator` (once without a memory, once split by the memory ``memory()``), merges
-with ``all_reduce()`` and writes what it then holds to OUT/rank{RANK}.pt.
+:class:`~peft_inflora.subspace.SketchAccumulator` (once without a memory, once split by the memory ``memory()``),
+merges with ``all_reduce()`` and writes what it then holds to OUT/rank{RANK}.pt.
 """
 
 import os

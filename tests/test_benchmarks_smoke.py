@@ -67,6 +67,8 @@ def test_bench_quality_quick(tmp_path):
                                    "InfLoRA eigen,sequential LoRA,heads only,joint LoRA"])
     assert set(result["runs"]) == {"InfLoRA eigen", "sequential LoRA", "heads only", "joint LoRA"}
     assert "| InfLoRA eigen |" in (tmp_path / "quality_quick.md").read_text()
+    for plot in ("quality_quick_accuracy.png", "quality_quick_forgetting.png"):  # benchmarks/_plots.py
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
     # --merge pools folders of earlier runs; a (method, seed) found again in a later folder replaces the earlier run
     for folder in ("first", "rerun"):
         (tmp_path / folder).mkdir()
@@ -75,6 +77,8 @@ def test_bench_quality_quick(tmp_path):
                                    str(tmp_path / "merged")])
     assert {m: len(r) for m, r in merged["runs"].items()} == {m: 1 for m in result["runs"]}
     assert len(merged["replaced"]) == 4 and all("seed 0 (by " in line for line in merged["replaced"])
+    assert (tmp_path / "merged" / "quality_accuracy.png").stat().st_size > 0
+    assert (tmp_path / "merged" / "quality_forgetting.png").stat().st_size > 0
 
 
 def test_bench_statistics_memory_quick(tmp_path):
@@ -99,3 +103,5 @@ def test_bench_long_sequence_quick(tmp_path):
         assert len(free) == 3 and free == sorted(free, reverse=True) and runs[method]["rank_given"] == [2, 2, 2]
     assert not runs["OSF"]["min_free_dimension_after_task"]  # capacity is an InfLoRA report
     assert "| heads only | 3 |" in (tmp_path / "long_sequence_quick.md").read_text()
+    for plot in ("long_sequence_quick_accuracy.png", "long_sequence_quick_free_dimension.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"

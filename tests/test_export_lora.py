@@ -1,4 +1,4 @@
-"""Export to plain LoRA (issue 8, part 2): ``model.to_lora()``.
+"""Export to plain LoRA (issue 8, part 2): ``model.to_lora()``, and PEFT's ``save_as_lora`` (issue 15, part 3).
 
 Specification checked here:
 
@@ -12,18 +12,25 @@ Specification checked here:
    SVD of the dense ``dW``, ``rank`` = full gives ~0, and the loaded LoRA layers add exactly the reported factors
    (scaling 1, also with per-layer ranks).
 3. Bad input is refused with an error that says what to change, before anything is written or changed.
+4. PEFT's own conversion (issue 15, part 3): ``peft.save_as_lora`` / ``peft.convert_to_lora`` write the tensors of
+   ``to_lora`` (exact and truncated), with a config that adapts the same modules with the same ranks, scaling and
+   ``modules_to_save`` (PEFT does not carry ``task_type``, ``revision``, ``fan_in_fan_out``), loading to the InfLoRA
+   model's logits in the process without ``peft_inflora`` (both ``fold`` modes, ``Conv1D``); a task in progress, no
+   finished task, NaN and a rank ``to_lora`` does not take are refused with ``to_lora``'s errors, no file written.
 
 Tolerance of the end-to-end comparison: the exported LoRA adds ``lora_B (lora_A x)`` with the float32 factors InfLoRA
 holds; InfLoRA adds the same product, or runs ``W + past_A past_B`` rounded once in float32 (``fold="base"``, and
 ``fold="adapter"`` with its cached past weight). The outputs differ by float32 reassociation only (measured: at most
-7.5e-9 on these models); ``atol = 1e-5`` on logits of magnitude ~1 leaves room for other BLAS kernels, and is far below
-what the tasks' low-rank update moves the logits by (> 1e-2, asserted), so a 0.1 % error in any ``dW`` fails the test.
+1.2e-7 on these models); ``atol = 1e-5`` on logits of magnitude ~1 leaves room for other BLAS kernels, and is far
+below what the tasks' low-rank update moves the logits by (> 1e-2, asserted), so a 0.1 % error in any ``dW`` fails
+the test.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -33,7 +40,7 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, convert_to_lora, get_peft_model, save_as_lora
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -175,10 +182,13 @@ class Case:
     without_update: Optional[torch.Tensor] = None  # same, all lora_B zeroed: head only
     export: Optional[LoraExport] = None
     folder: Optional[str] = None
+    peft_folder: Optional[str] = None  # written by peft.save_as_lora(folder, model, rank=None)
+    peft_exported: Optional[torch.Tensor] = None  # the plain-peft process's logits of that adapter
+    peft_without_update: Optional[torch.Tensor] = None
 
 
 def _build_case(root, name: str, auto_class: str, make_base: Callable[[], nn.Module],
-                make_batches: Callable[[int], list[dict]], n_tasks: int, **config) -> tuple[Case, dict]:
+                make_batches: Callable[[int], list[dict]], n_tasks: int, **config) -> tuple[Case, list[dict]]:
     import transformers
 
     base_dir, adapter_dir = root / name / "base", root / name / "lora"
@@ -188,13 +198,16 @@ def _build_case(root, name: str, auto_class: str, make_base: Callable[[], nn.Mod
     learn_tasks(model, make_batches, n_tasks)
     probe = make_batches(99)
     export = model.to_lora(adapter_dir)  # through PeftModel's attribute forwarding to InfLoRAModel
+    peft_dir = root / name / "peft-lora"
+    save_as_lora(peft_dir, model, rank=None)  # PEFT's own conversion: exact
     case = Case(name, auto_class, logits(model, probe), logits(make_base(), probe), export=export,
-                folder=str(adapter_dir))
+                folder=str(adapter_dir), peft_folder=str(peft_dir))
     tensors = {f"{i}.{k}": b[k] for i, b in enumerate(probe) for k in ("input_ids", "attention_mask")}
     save_file(tensors, root / name / "batches.safetensors")
     entry = dict(name=name, auto_class=auto_class, adapter=str(adapter_dir), n_batches=len(probe),
                  batches=str(root / name / "batches.safetensors"), output=str(root / name / "logits.safetensors"))
-    return case, entry
+    peft_entry = dict(entry, name=f"{name}@peft", adapter=str(peft_dir), output=str(root / name / "peft.safetensors"))
+    return case, [entry, peft_entry]
 
 
 @dataclass
@@ -205,7 +218,8 @@ class PlainPeftRun:
 
 @pytest.fixture(scope="module")
 def plain_peft_cases(tmp_path_factory) -> PlainPeftRun:
-    """Three InfLoRA models after 2-3 tasks, exported, and their exports evaluated in one plain-peft process."""
+    """Three InfLoRA models after 2-3 tasks, exported by ``to_lora`` and by ``peft.save_as_lora``, and both exports
+    evaluated in one plain-peft process."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("export")
     bert_batches = lambda task: text_classification_batches(seed=100 + task, low=3 + 30 * (task % 3),  # noqa: E731
@@ -222,7 +236,7 @@ def plain_peft_cases(tmp_path_factory) -> PlainPeftRun:
                     r=3, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"),
     ]
     manifest = root / "manifest.json"
-    manifest.write_text(json.dumps([entry for _, entry in built]))
+    manifest.write_text(json.dumps([entry for _, entries in built for entry in entries]))
     script = root / "plain_peft.py"
     script.write_text(PLAIN_PEFT_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -231,9 +245,11 @@ def plain_peft_cases(tmp_path_factory) -> PlainPeftRun:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "peft_inflora never imported" in proc.stdout
-    for case, entry in built:
+    for case, (entry, peft_entry) in built:
         outputs = load_file(entry["output"])
         case.exported, case.without_update = outputs["logits"], outputs["without_update"]
+        outputs = load_file(peft_entry["output"])
+        case.peft_exported, case.peft_without_update = outputs["logits"], outputs["without_update"]
     return PlainPeftRun({case.name: case for case, _ in built}, proc.stdout)
 
 
@@ -362,6 +378,29 @@ def test_a_truncated_export_loads_in_peft_and_adds_exactly_its_factors(tmp_path)
         assert err == pytest.approx(export.layers[name].relative_error, abs=1e-6)
 
 
+@pytest.mark.parametrize("share", [0.5, 0.9, 0.999, 1.0])
+def test_an_energy_share_keeps_the_fewest_directions_that_hold_it_as_peft_counts_them(share):
+    from peft.tuners.lora.conversion import _find_cutoff_index
+
+    model = mlp_model(tasks=3)
+    export = model.to_lora(rank=share)
+    config, state = convert_to_lora(model, rank=share)  # PEFT's threshold: the same factors
+    assert state.keys() == export.state_dict.keys()
+    assert all(torch.equal(state[key], export.state_dict[key]) for key in state)
+    for name, (past_A, past_B) in past_factors(model).items():
+        dW = past_A @ past_B
+        s = np.linalg.svd(dW, compute_uv=False)[: min(dW.shape + (9,))]
+        energy = np.cumsum(s ** 2) / np.sum(s ** 2)
+        k = int(np.argmax(energy >= share - 1e-12)) + 1  # fewest leading directions holding the share
+        layer = export.layers[name]
+        assert layer.rank == k == config.rank_pattern[name] == config.alpha_pattern[name]
+        # PEFT's own cutoff on the same spectrum picks the same rank
+        assert _find_cutoff_index(torch.from_numpy(s), share) == k
+        expected = np.sqrt(max(0.0, 1.0 - energy[k - 1]))
+        assert layer.relative_error == pytest.approx(expected, abs=1e-7)
+        assert layer.relative_error <= np.sqrt(1 - share) + 1e-7
+
+
 # ============================================================================================ targeting
 def test_layers_without_a_finished_task_are_left_out(tmp_path):
     model = mlp_model(tasks=2)
@@ -436,7 +475,7 @@ def test_an_adapter_with_no_finished_task_is_refused(tmp_path):
     assert_refused(mlp_model(tasks=0), tmp_path / "out", TaskLifecycleError, r"no finished task.*begin_task")
 
 
-@pytest.mark.parametrize("rank", [0, -3, 2.5, True, "4"])
+@pytest.mark.parametrize("rank", [0, -3, 2.5, 0.0, True, "4"])
 def test_a_rank_that_is_not_an_int_of_at_least_one_is_refused(tmp_path, rank):
     assert_refused(mlp_model(tasks=1), tmp_path / "out", ValueError, r"rank must be an int >= 1", rank=rank)
 
@@ -487,3 +526,178 @@ def test_bad_input_is_refused_before_a_folder_is_created_even_when_everything_el
     with pytest.raises(ValueError, match="rank must be"):
         model.to_lora(out, rank=0)
     assert not (tmp_path / "new").exists()
+
+
+# ============================================================================================ 4. PEFT's own conversion
+# peft.save_as_lora(folder, model, rank) / peft.convert_to_lora(model, rank) on an InfLoRA model: the layers declare
+# supports_lora_conversion and PEFT's per-layer conversion reaches the factors to_lora writes. PEFT builds the
+# LoraConfig itself; it does not carry task_type, revision or fan_in_fan_out (for any method), so those fields differ
+# from to_lora's, while what the config adapts (modules, r, lora_alpha, modules_to_save, base model) is the same.
+PEFT_CONFIG_OMITS = {"task_type", "revision", "inference_mode", "fan_in_fan_out"}
+# spelled differently by PEFT (its r=1 and full rank_pattern for rank=None, the InfLoRA target_modules plus
+# exclude_modules, a repeated modules_to_save entry), compared through what PeftModel.from_pretrained builds from them
+PEFT_CONFIG_SPELLS_DIFFERENTLY = {"r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+                                  "exclude_modules", "modules_to_save"}
+
+
+def lora_layout(model: nn.Module) -> dict[str, tuple[int, float, bool]]:
+    """Per LoRA layer of a loaded ``PeftModel``: ``(r, scaling, fan_in_fan_out)``."""
+    return {n.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"], m.fan_in_fan_out)
+            for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def trained_copies(model: PeftModel) -> set[str]:
+    """Names of the modules a loaded adapter holds trained copies of (``modules_to_save``)."""
+    return {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+            if type(m).__name__ == "ModulesToSaveWrapper"}
+
+
+@pytest.mark.parametrize("name", ["bert_fold_adapter", "bert_fold_base", "gpt2_conv1d"])
+def test_save_as_lora_gives_the_inflora_models_logits_in_a_process_without_peft_inflora(plain_peft_cases, name):
+    case = plain_peft_cases.cases[name]
+    assert (case.reference - case.peft_without_update).abs().max() > 1e-2  # the comparison can fail
+    torch.testing.assert_close(case.peft_exported, case.reference, atol=ATOL, rtol=0)
+    # the same tensors in the same LoRA layers: the two exports compute the very same logits
+    assert torch.equal(case.peft_exported, case.exported)
+    line = next(line for line in plain_peft_cases.stdout.splitlines() if line.startswith(f"{name}@peft "))
+    assert line.endswith(f"lora layers: {len(case.export.layers)}")
+
+
+@pytest.mark.parametrize("name", ["bert_fold_adapter", "bert_fold_base", "gpt2_conv1d"])
+def test_save_as_lora_writes_the_tensors_of_to_lora(plain_peft_cases, name):
+    case = plain_peft_cases.cases[name]
+    ours = load_file(os.path.join(case.folder, "adapter_model.safetensors"))
+    peft_s = load_file(os.path.join(case.peft_folder, "adapter_model.safetensors"))
+    assert peft_s.keys() == ours.keys()
+    for key in ours:
+        assert peft_s[key].dtype == ours[key].dtype and torch.equal(peft_s[key], ours[key]), key
+    if name.startswith("bert"):  # the trained head (modules_to_save) goes along, as with to_lora
+        assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= peft_s.keys()
+
+
+@pytest.mark.parametrize("name", ["bert_fold_adapter", "bert_fold_base", "gpt2_conv1d"])
+def test_save_as_lora_config_adapts_what_to_lora_adapts(plain_peft_cases, name):
+    case = plain_peft_cases.cases[name]
+    with open(os.path.join(case.folder, "adapter_config.json")) as f:
+        ours = json.load(f)
+    with open(os.path.join(case.peft_folder, "adapter_config.json")) as f:
+        peft_c = json.load(f)
+    differing = {key for key in ours.keys() | peft_c.keys() if ours.get(key) != peft_c.get(key)}
+    assert differing <= PEFT_CONFIG_OMITS | PEFT_CONFIG_SPELLS_DIFFERENTLY, differing
+    assert peft_c["peft_type"] == "LORA" and peft_c["base_model_name_or_path"] == ours["base_model_name_or_path"]
+    import transformers
+
+    loaded = {}
+    for which, folder in (("to_lora", case.folder), ("peft", case.peft_folder)):
+        base = getattr(transformers, case.auto_class).from_pretrained(ours["base_model_name_or_path"])
+        loaded[which] = PeftModel.from_pretrained(base, folder)
+    layout = lora_layout(loaded["to_lora"])
+    assert layout.keys() == case.export.layers.keys()
+    assert all(scaling == 1.0 for _, scaling, _ in layout.values())
+    # PEFT's config leaves fan_in_fan_out False: LoRA switches it on for Conv1D when loading (with a warning)
+    assert lora_layout(loaded["peft"]) == layout
+    assert trained_copies(loaded["peft"]) == trained_copies(loaded["to_lora"])
+
+
+def test_convert_to_lora_truncates_as_to_lora_does():
+    model = mlp_model(tasks=3)  # lin0: R = 9, rank(dW) <= 9; lin1: R = 9, rank(dW) <= 4 (4 outputs)
+    for k in (1, 2, 5):
+        export = model.to_lora(rank=k)
+        config, state = convert_to_lora(model, rank=k)
+        assert state.keys() == export.state_dict.keys()
+        assert all(torch.equal(state[key], export.state_dict[key]) for key in state)
+        # k = 5: lin1 keeps min(5, 4) = 4 directions, listed in rank_pattern / alpha_pattern by PEFT
+        ranks = {name: config.rank_pattern.get(name, config.r) for name in ("lin0", "lin1")}
+        alphas = {name: config.alpha_pattern.get(name, config.lora_alpha) for name in ("lin0", "lin1")}
+        assert ranks == alphas == {name: layer.rank for name, layer in export.layers.items()}
+        assert ranks["lin1"] == min(k, 4)
+
+
+def test_peft_asks_the_layers_and_they_support_the_conversion():
+    model = mlp_model(tasks=1)
+    assert model.supports_lora_conversion()
+    assert all(layer.supports_lora_conversion("default") for layer in model.base_model.inflora_layers().values())
+
+
+def test_without_the_routing_peft_refuses_instead_of_converting_wrongly(monkeypatch):
+    import peft.tuners.lora.conversion as conversion
+
+    # as on a PEFT release whose per-layer conversion the routing was not installed on
+    monkeypatch.setattr(conversion, "_convert_module_to_lora", conversion._convert_module_to_lora.__wrapped__)
+    model = mlp_model(tasks=1, fold="base")  # PEFT's dense path would export only the (empty) task in progress
+    assert not model.supports_lora_conversion()
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        convert_to_lora(model, rank=None)
+    assert model.to_lora().tasks == 1  # to_lora does not depend on it
+
+
+def test_the_routing_is_installed_once_and_not_on_a_per_layer_function_it_was_not_written_for(monkeypatch):
+    import peft.tuners.lora.conversion as conversion
+
+    from peft_inflora.registry import install_lora_conversion
+
+    installed = conversion._convert_module_to_lora
+    assert install_lora_conversion() and conversion._convert_module_to_lora is installed  # importing did it already
+    assert not getattr(installed.__wrapped__, "_inflora_conversion", False)  # one wrapper around PEFT's function
+
+    def changed(module, rank, adapter_name="default", dtype=None):  # a PEFT release with another signature
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(conversion, "_convert_module_to_lora", changed)
+    assert not install_lora_conversion() and conversion._convert_module_to_lora is changed
+    assert not mlp_model(tasks=1).supports_lora_conversion()
+
+
+def _peft_refusal(model: PeftModel, folder, error: type) -> str:
+    """``save_as_lora`` into ``folder`` and ``convert_to_lora`` both raise ``error``; no file is written (PEFT's
+    ``save_as_lora`` makes the folder before it asks the model anything) and the model is unchanged. Returns the
+    message."""
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error) as raised:
+        save_as_lora(folder, model, rank=None)
+    assert not folder.exists() or not any(folder.iterdir())
+    with pytest.raises(error) as raised_again:
+        convert_to_lora(model, rank=4)
+    assert str(raised_again.value) == str(raised.value)
+    state_after = model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    for key, tensor in state_before.items():
+        torch.testing.assert_close(state_after[key], tensor, rtol=0, atol=0, equal_nan=True)
+    return str(raised.value)
+
+
+def test_peft_refuses_a_task_in_progress_with_to_lora_s_error(tmp_path):
+    model = mlp_model(tasks=1)
+    model.begin_task(mlp_batches(20), progress=False)
+    with pytest.raises(TaskLifecycleError) as by_to_lora:
+        model.to_lora()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    for folder in (existing, tmp_path / "new"):
+        message = _peft_refusal(model, folder, TaskLifecycleError)
+        assert message == str(by_to_lora.value)
+        assert re.search(r"Task 2 .* in progress.*`end_task\(batches\)`.*`abort_task\(\)`", message)
+    model.abort_task()
+    save_as_lora(existing, model, rank=None)
+    assert load_file(existing / "adapter_model.safetensors").keys() == model.to_lora().state_dict.keys()
+
+
+def test_peft_refuses_an_adapter_with_no_finished_task_with_to_lora_s_error(tmp_path):
+    model = mlp_model(tasks=0)
+    with pytest.raises(TaskLifecycleError) as by_to_lora:
+        model.to_lora()
+    assert _peft_refusal(model, tmp_path / "out", TaskLifecycleError) == str(by_to_lora.value)
+
+
+def test_peft_refuses_non_finite_finished_tasks(tmp_path):
+    model = mlp_model(tasks=1)
+    model.base_model.model.lin1.inflora_past_A["default"][0, 0] = float("inf")
+    assert "hold NaN or inf" in _peft_refusal(model, tmp_path / "out", ValueError)
+
+
+@pytest.mark.parametrize("rank", [-2, "4"])
+def test_peft_ranks_that_to_lora_does_not_take_are_refused_before_a_file_is_written(tmp_path, rank):
+    model = mlp_model(tasks=1)
+    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+        save_as_lora(tmp_path / "out", model, rank=rank)
+    assert not any((tmp_path / "out").iterdir())

@@ -50,7 +50,10 @@ skipped by PEFT's own test for a method other than LoRA & co.):
   ``fold="base"`` does (like a merged LoRA);
 * test_disable_adapters / test_disable_adapters_with_merging after a finished task: their precondition "a new adapter
   is the identity" does not hold once a task is folded (disable == base model is still checked, see the reason);
-* test_lora_conversion: InfLoRA layers do not declare ``supports_lora_conversion``;
+* test_lora_conversion: it converts the adapter ``get_peft_model`` returned, which for InfLoRA is an adapter in the
+  middle of a task (above), and PEFT's conversion refuses a task in progress for InfLoRA (``TaskLifecycleError``, as
+  ``to_lora`` does); PEFT's ``convert_to_lora`` / ``save_as_lora`` on finished tasks are tested in
+  ``tests/test_export_lora.py``;
 * skipped by PEFT itself: test_mixed_adapter_batches / test_generate_with_mixed_adapter_batches (``adapter_names``
   mixed batches: LoRA/RoAd only), test_weighted_combination_of_adapters (LoRA/IA3), prompt-learning tests.
 
@@ -198,8 +201,9 @@ ONE_TASK_DONE = [INFLORA_TEST_CASES[7][3], INFLORA_TEST_CASES[8][3], INFLORA_DEC
 PICKLE = ("peft-inflora loads adapter weights only from safetensors (a pickle adapter_model.bin is refused, "
           "unpickling can run code); saving with safe_serialization=False is PEFT's")
 NOT_APPLICABLE = {
-    "test_lora_conversion": "InfLoRA layers do not declare supports_lora_conversion (PEFT's test would return "
-                            "without checking anything)",
+    "test_lora_conversion": "PEFT's test converts the adapter in the middle of a task (the shims' 'fresh adapter'); "
+                            "InfLoRA refuses to convert a task in progress (TaskLifecycleError, as to_lora does). "
+                            "PEFT's conversion of finished tasks: tests/test_export_lora.py",
     "test_disable_adapter_with_bias_warns": "LoRA/BOFT `bias` option: InfLoRA adapters have no bias",
     "test_adding_multiple_adapters_with_bias_raises": "LoRA/BOFT `bias` option: InfLoRA adapters have no bias",
     "test_save_pretrained_pickle": PICKLE,

@@ -15,6 +15,7 @@ from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter
 from .errors import (
     AdapterFileError,
     NoTaskInProgressError,
+    QuantizedMergeWarning,
     ShardedAdapterError,
     SketchWarning,
     StatisticsError,
@@ -26,10 +27,12 @@ from .errors import (
 from .export import ExportedLayer, LoraExport
 from .layer import InfLoRALayer, Linear
 from .model import InfLoRAModel, LayerCapacity, LayerInterference
+from .registry import install_lora_conversion as _install_lora_conversion
 from .registry import register as _register
 
 
 _register(InfLoRAConfig, InfLoRAModel)
+_install_lora_conversion()  # peft.save_as_lora / convert_to_lora export InfLoRA as to_lora does
 
 __version__ = "0.1.0"
 
@@ -77,6 +80,7 @@ __all__ = [
     "LoraExport",
     "Linear",
     "NoTaskInProgressError",
+    "QuantizedMergeWarning",
     "ShardedAdapterError",
     "SketchWarning",
     "StatisticsError",

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "AdapterFileError",
     "NoTaskInProgressError",
+    "QuantizedMergeWarning",
     "ShardedAdapterError",
     "SketchWarning",
     "StatisticsError",
@@ -58,6 +59,11 @@ class UnknownConfigFieldError(TypeError, ValueError):
 
 class AdapterFileError(ValueError):
     """A saved adapter's weights file is missing, truncated, corrupted, or in the (unsafe) pickle format."""
+
+
+# ---------------------------------------------------------------------------------------------- quantized layers
+class QuantizedMergeWarning(UserWarning):
+    """Merging into a quantized base weight rounded the merged weight (the relative error is in the message)."""
 
 
 # ---------------------------------------------------------------------------------------------- distributed

@@ -20,6 +20,9 @@ which is exactly what a LoRA layer adds, ``scaling * lora_B @ lora_A`` with ``lo
       relative error = ||dW - lora_B lora_A||_F / ||dW||_F = sqrt(sum_{i > k'} s_i^2) / sqrt(sum_i s_i^2)
 
   (0.0 when ``dW = 0``).
+* **energy share** (``rank=t``, a float in ``(0, 1]``, what PEFT's ``convert_to_lora`` calls a threshold): per layer
+  the truncation above with the fewest ``k'`` leading singular values that hold the share ``t`` of the energy,
+  ``sum_{i <= k'} s_i^2 >= t * sum_i s_i^2``, so the relative error is at most ``sqrt(1 - t)``.
 
 The export is relative to the *pristine* base model, for ``fold="adapter"`` and ``fold="base"`` alike: the finished
 tasks' factors are stored in the adapter in both cases. Factors are written in float32 (computed in float64 when
@@ -28,6 +31,12 @@ anchored regex instead, if some other module of the model would also match a lis
 (GPT-2 ``Conv1D``), and the adapter's ``modules_to_save`` copies (e.g. a trained classifier head) are written in the
 key format PEFT saves them in, so ``PeftModel.from_pretrained(base_model, folder)`` of plain ``peft`` loads the result
 with no ``peft_inflora`` installed.
+
+PEFT's own conversion, ``peft.save_as_lora(folder, model, rank)`` / ``peft.convert_to_lora(model, rank)``, takes the
+same path: it asks every layer ``supports_lora_conversion``, which runs :func:`check_exportable`, and converts each
+InfLoRA layer with :func:`convert_layer_to_lora` (routed there by
+:func:`peft_inflora.registry.install_lora_conversion`), so it writes the same tensors; the ``LoraConfig`` is
+PEFT's (no ``task_type``, ``revision``, ``fan_in_fan_out``). See ``docs/export.md``.
 """
 
 from __future__ import annotations
@@ -50,8 +59,12 @@ from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import TaskLifecycleError
 from .layer import InfLoRALayer
 
+#: ``rank`` of an export: ``None`` (exact), an int ``k >= 1`` (largest rank per layer), a float in ``(0, 1]`` (share
+#: of each layer's energy to keep)
+ExportRank = Optional[Union[int, float]]
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 # files whose presence means a folder already holds a PEFT adapter
@@ -67,7 +80,8 @@ class ExportedLayer:
     Attributes:
         name: module name in the base model (the key in ``target_modules``).
         source_rank: ``R``, the summed rank of the finished tasks' branches (columns of ``past_A``).
-        rank: rank of the exported LoRA factors: ``R`` (exact), or ``min(k, len(singular_values))`` (truncated).
+        rank: rank of the exported LoRA factors: ``R`` (exact), ``min(k, len(singular_values))`` (truncated), or
+            ``energy_rank(singular_values, t)`` (energy share ``t``).
         relative_error: ``||dW - lora_B lora_A||_F / ||dW||_F`` of the truncation, from the singular values in
             float64 (0.0 for the exact export and when ``dW = 0``). The float32 rounding of the written factors adds
             about 1e-7 relative on top.
@@ -145,16 +159,57 @@ class LoraExport:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def check_export_rank(rank: Any) -> Optional[int]:
-    """``rank`` as an int (``None``: exact export). Raises ``ValueError`` for anything but an int >= 1."""
+def check_export_rank(rank: Any) -> ExportRank:
+    """``rank`` as ``None`` (exact export), an int >= 1 (largest rank per layer) or a float in ``(0, 1]`` (share of
+    each layer's energy to keep). Raises ``ValueError`` for anything else."""
     if rank is None:
         return None
-    if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(
-            f"rank must be an int >= 1 (the largest rank per layer of the exported LoRA) or None for the exact export "
-            f"(rank = sum of the task ranks), got {rank!r}. Nothing was written."
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank >= 1:
+        return int(rank)
+    if isinstance(rank, float) and 0.0 < rank <= 1.0:
+        return rank
+    raise ValueError(
+        f"rank must be an int >= 1 (the largest rank per layer of the exported LoRA), a float in (0, 1] (the share of "
+        f"each layer's energy sum s_i^2 to keep, as in peft.save_as_lora) or None for the exact export (rank = sum "
+        f"of the task ranks), got {rank!r}. Nothing was written."
+    )
+
+
+def check_exportable(layers: Mapping[Optional[str], InfLoRALayer], adapter_name: str) -> None:
+    """Refuse an export of ``adapter_name`` that would not hold exactly its finished tasks, before anything is written.
+    The one check of both export paths: :meth:`InfLoRAModel.to_lora` calls it with all the adapter's layers, and
+    PEFT's ``convert_to_lora`` / ``save_as_lora`` reach it through each layer's ``supports_lora_conversion``, which
+    PEFT asks of every tuner layer before it converts anything (``None`` keys: layers whose name is unknown there).
+
+    Raises:
+        TaskLifecycleError: a task is in progress (``end_task`` or ``abort_task`` first), or no task is finished.
+        ValueError: a layer's finished tasks hold NaN or inf.
+    """
+    layers = {name: layer for name, layer in layers.items() if adapter_name in layer.inflora_A}
+    if not layers:
+        return
+    tasks_done = next(iter(layers.values())).tasks_done(adapter_name)
+    if any(layer.task_in_progress(adapter_name) for layer in layers.values()):
+        raise TaskLifecycleError(
+            f"Task {tasks_done + 1} of adapter '{adapter_name}' is in progress: the LoRA export holds finished tasks "
+            "only. Call `end_task(batches)` to keep the task or `abort_task()` to discard it, then export "
+            "(`to_lora` or `peft.save_as_lora`). Nothing was written."
         )
-    return int(rank)
+    if tasks_done == 0:
+        raise TaskLifecycleError(
+            f"Adapter '{adapter_name}' has no finished task: there is nothing to export. Learn a task with "
+            "`begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
+        )
+    broken = [name for name, layer in layers.items()
+              if not (torch.isfinite(layer.inflora_past_A[adapter_name]).all()
+                      and torch.isfinite(layer.inflora_past_B[adapter_name]).all())]
+    if broken:
+        which = f"{len(broken)} layer(s) of adapter '{adapter_name}', e.g. '{broken[0]}'," if broken[0] is not None \
+            else f"a layer of adapter '{adapter_name}'"
+        raise ValueError(
+            f"The finished tasks of {which} hold NaN or inf: the adapter is corrupted and cannot be exported. Load it "
+            "again from its files. Nothing was written."
+        )
 
 
 def check_save_directory(save_directory: Union[str, os.PathLike], overwrite: bool) -> str:
@@ -212,8 +267,18 @@ def relative_truncation_error(singular_values: torch.Tensor, rank: int) -> float
     return math.sqrt(tail / total)
 
 
+def energy_rank(singular_values: torch.Tensor, share: float) -> int:
+    """The fewest leading singular values that hold ``share`` of the energy: the smallest ``k >= 1`` with
+    ``sum_{i < k} s_i^2 >= share * sum_i s_i^2`` (0-based ``i``; 1 when all ``s`` are 0)."""
+    cumulative = torch.cumsum(singular_values.to(torch.float64) ** 2, dim=0)
+    if float(cumulative[-1]) == 0.0:
+        return 1
+    k = int(torch.searchsorted(cumulative, share * cumulative[-1]).item()) + 1
+    return min(k, singular_values.numel())
+
+
 @torch.no_grad()
-def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int] = None
+def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: ExportRank = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """LoRA factors of one layer's finished tasks.
 
@@ -221,7 +286,8 @@ def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int]
         past_A: ``(d_out, R)``, the stacked ``A_j``.
         past_B: ``(R, d_in)``, the stacked ``B_j``.
         rank: ``None``: exact (``lora_A = past_B``, ``lora_B = past_A``); an int ``k >= 1``: the best rank
-            ``min(k, m)`` approximation (see the module docstring).
+            ``min(k, m)`` approximation (see the module docstring); a float ``t`` in ``(0, 1]``: the best rank
+            ``energy_rank(s, t)`` approximation.
 
     Returns:
         ``(lora_A, lora_B, singular_values, relative_error)``: ``lora_A`` ``(r, d_in)`` and ``lora_B`` ``(d_out, r)``
@@ -232,13 +298,42 @@ def lora_factors(past_A: torch.Tensor, past_B: torch.Tensor, rank: Optional[int]
     if rank is None:
         lora_A, lora_B, error = past_B.detach(), past_A.detach(), 0.0
     else:
-        k = min(rank, s.numel())
+        k = energy_rank(s, rank) if isinstance(rank, float) else min(rank, s.numel())
         root = s[:k].sqrt()
         lora_B = left[:, :k] * root[None, :]
         lora_A = root[:, None] * right[:k]
         error = relative_truncation_error(s, k)
     as_saved = lambda t: t.to(device="cpu", dtype=torch.float32).contiguous()  # noqa: E731
     return as_saved(lora_A), as_saved(lora_B), s.cpu(), error
+
+
+def layer_lora_factors(layer: InfLoRALayer, adapter_name: str, rank: ExportRank = None
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
+    """:func:`lora_factors` of one layer's finished tasks (``inflora_past_A`` / ``inflora_past_B`` of
+    ``adapter_name``, relative to the pristine base for both ``fold`` modes), or ``None`` when the layer holds no
+    finished task of the adapter (``R = 0``: nothing to export). The per-layer step of both export paths."""
+    if adapter_name not in layer.inflora_past_B or layer.inflora_past_B[adapter_name].shape[0] == 0:
+        return None
+    return lora_factors(layer.inflora_past_A[adapter_name], layer.inflora_past_B[adapter_name], rank)
+
+
+def convert_layer_to_lora(layer: InfLoRALayer, rank: ExportRank, adapter_name: str = "default"
+                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What PEFT's per-layer conversion returns (``peft.tuners.lora.conversion._convert_module_to_lora``, which
+    :func:`peft_inflora.registry.install_lora_conversion` routes here for InfLoRA layers): ``(lora_A, lora_B, r)``
+    from :func:`layer_lora_factors`, ``lora_A`` ``(r, d_in)``, ``lora_B`` ``(d_out, r)`` in PEFT's LoRA layout for
+    ``nn.Linear`` and ``Conv1D`` alike. ``r = 0`` (empty factors) for a layer without a finished task: PEFT then lists
+    it in ``exclude_modules``.
+
+    Raises:
+        ValueError: ``rank`` is not ``None``, an int >= 1 or a float in ``(0, 1]``.
+    """
+    rank = check_export_rank(rank)
+    factors = layer_lora_factors(layer, adapter_name, rank)
+    if factors is None:
+        return torch.zeros(0, layer.in_features), torch.zeros(layer.out_features, 0), 0
+    lora_A, lora_B, _, _ = factors
+    return lora_A, lora_B, int(lora_A.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -320,9 +415,10 @@ def modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torc
 
 
 def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter_name: str, peft_config: Any,
-                   rank: Optional[int] = None) -> LoraExport:
+                   rank: ExportRank = None) -> LoraExport:
     """Build the LoRA export of ``adapter_name``'s finished tasks (nothing is written; see
-    :meth:`LoraExport.save_pretrained`). The caller checks the continual state (no task in progress, some finished).
+    :meth:`LoraExport.save_pretrained`). PEFT's ``convert_to_lora`` builds its adapter from the same per-layer
+    factors (:func:`convert_layer_to_lora`) after the same checks (:func:`check_exportable`).
 
     Args:
         model: the model the InfLoRA layers sit in (``InfLoRAModel.model``), for module names and
@@ -330,31 +426,25 @@ def export_to_lora(model: nn.Module, layers: Mapping[str, InfLoRALayer], adapter
         layers: the adapter's InfLoRA layers by module name.
         adapter_name: the InfLoRA adapter.
         peft_config: its ``InfLoRAConfig`` (``modules_to_save``, ``task_type``, base model name and revision).
-        rank: ``None`` for the exact export, else the largest rank per layer.
+        rank: ``None`` for the exact export, an int for the largest rank per layer, a float in ``(0, 1]`` for the
+            share of each layer's energy to keep.
 
     Raises:
-        ValueError: ``rank`` is not an int >= 1, a layer's finished tasks hold NaN or inf, no layer has a finished
-            task, or the adapter uses an auxiliary wrapper other than ``modules_to_save``.
+        TaskLifecycleError: a task is in progress, or no task is finished.
+        ValueError: ``rank`` is not None, an int >= 1 or a float in ``(0, 1]``, a layer's finished tasks hold NaN or
+            inf, no layer has a finished task, or the adapter uses an auxiliary wrapper other than ``modules_to_save``.
     """
     rank = check_export_rank(rank)
-    broken = [name for name, layer in layers.items()
-              if not (torch.isfinite(layer.inflora_past_A[adapter_name]).all()
-                      and torch.isfinite(layer.inflora_past_B[adapter_name]).all())]
-    if broken:
-        raise ValueError(
-            f"The finished tasks of {len(broken)} layer(s) of adapter '{adapter_name}', e.g. '{broken[0]}', hold NaN "
-            "or inf: the adapter is corrupted and cannot be exported. Load it again from its files. Nothing was "
-            "written."
-        )
+    check_exportable(layers, adapter_name)
     exported: dict[str, ExportedLayer] = {}
     state: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
-        past_A, past_B = layer.inflora_past_A[adapter_name], layer.inflora_past_B[adapter_name]
-        if past_B.shape[0] == 0:
+        factors = layer_lora_factors(layer, adapter_name, rank)
+        if factors is None:
             continue  # no finished task in this layer: nothing to add, left out of target_modules
-        lora_A, lora_B, s, error = lora_factors(past_A, past_B, rank)
-        exported[name] = ExportedLayer(name=name, source_rank=int(past_B.shape[0]), rank=int(lora_A.shape[0]),
-                                       relative_error=error, singular_values=s,
+        lora_A, lora_B, s, error = factors
+        exported[name] = ExportedLayer(name=name, source_rank=int(layer.inflora_past_B[adapter_name].shape[0]),
+                                       rank=int(lora_A.shape[0]), relative_error=error, singular_values=s,
                                        fan_in_fan_out=bool(getattr(layer, "fan_in_fan_out", False)))
         state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = lora_A
         state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = lora_B

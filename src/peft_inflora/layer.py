@@ -204,6 +204,28 @@ class InfLoRALayer(BaseTunerLayer):
     def past_delta_in_base(self, adapter_name: str) -> bool:
         return self.fold[adapter_name] == "base" and self.inflora_past_A[adapter_name].shape[1] > 0
 
+    # ------------------------------------------------------------------ LoRA conversion
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Asked by PEFT's ``convert_to_lora`` / ``save_as_lora`` of every tuner layer before anything is converted.
+
+        True: PEFT converts this layer with the factors of ``InfLoRAModel.to_lora`` (its per-layer conversion is
+        routed to :func:`peft_inflora.export.convert_layer_to_lora`; False only if that routing could not be installed
+        on this PEFT version, and then PEFT refuses the conversion). A layer that does not hold ``adapter_name``
+        converts to nothing. Refuses like ``to_lora`` (:func:`peft_inflora.export.check_exportable`), before any
+        file is written:
+
+        Raises:
+            TaskLifecycleError: a task of the adapter is in progress, or none is finished.
+            ValueError: the finished tasks hold NaN or inf.
+        """
+        from .export import check_exportable  # here, not at the top: export imports this module
+        from .registry import lora_conversion_installed
+
+        if not lora_conversion_installed():
+            return False
+        check_exportable({None: self}, adapter_name)
+        return True
+
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``dW = past_A past_B + A_t B_t`` (``d_out x d_in``, transposed for ``fan_in_fan_out``); with

@@ -25,6 +25,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb import check_quantized_target, prepare_quantized_model, quantized_layer_class
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
 from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: importable from here, as before)
     StatisticsError,
@@ -41,17 +42,41 @@ from .statistics import InputGroup, collect_statistics
 from .subspace import sketch_size
 
 
+def _module_class(module: nn.Module) -> type:
+    """The class that defines ``module``'s computation: FSDP2's ``fully_shard`` (and ``replicate``) swap a module's
+    class for a subclass ``(FSDPModule, cls)`` that adds sharding only; that subclass counts as ``cls``."""
+    cls = type(module)
+    while len(cls.__bases__) == 2 and cls.__bases__[0].__module__.startswith("torch.distributed."):
+        cls = cls.__bases__[1]
+    return cls
+
+
 def _layer_class_for(target: nn.Module) -> Optional[type]:
+    """The InfLoRA layer class for a targeted module: ``torch.nn.Linear`` itself (not a subclass: a subclass may
+    store or use its weight otherwise, and merging / the cached past weight would then be wrong), transformers'
+    ``Conv1D``, or a supported bitsandbytes layer (:mod:`peft_inflora.bnb`); ``None`` for anything else."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    if isinstance(base, (nn.Linear, Conv1D)):
+    quantized = quantized_layer_class(base)
+    if quantized is not None:
+        return quantized
+    if _module_class(base) is nn.Linear or isinstance(base, Conv1D):
         return Linear
     return None
 
 
 def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    cls = _module_class(base)
+    lookalike = (
+        f" {cls.__module__}.{cls.__qualname__} is a subclass of torch.nn.Linear but not torch.nn.Linear itself: "
+        "InfLoRA cannot know how it stores and uses its weight (quantized and customised layers differ), so merging "
+        "and the forward could silently be wrong."
+        if isinstance(base, nn.Linear) else ""
+    )
     return TypeError(
-        f"InfLoRA cannot adapt module '{key}' of type {type(target).__name__}: only torch.nn.Linear and transformers' "
-        "Conv1D are supported. Remove it from `target_modules` (or narrow the pattern)."
+        f"InfLoRA cannot adapt module '{key}' of type {cls.__name__}: only torch.nn.Linear and transformers' Conv1D "
+        f"are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from `target_modules` "
+        "(or narrow the pattern). Nothing was changed."
     )
 
 
@@ -60,6 +85,7 @@ def _check_target(config: InfLoRAConfig, key: str, target: nn.Module) -> None:
     if _layer_class_for(target) is None:
         raise _unsupported_module_error(key, target)
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    check_quantized_target(key, base, config.fold)
     in_features, out_features = _get_in_out_features(base)
     rank_pattern = config.rank_pattern or {}
     r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), config.r)
@@ -120,6 +146,7 @@ class InfLoRAModel(BaseTuner):
                 continue
             if self._check_target_module_exists(peft_config, key):
                 _check_target(peft_config, key, module)
+        prepare_quantized_model(model)
 
     @staticmethod
     def _create_new_module(inflora_config: InfLoRAConfig, adapter_name: str, target: nn.Module, r: int,
@@ -361,8 +388,9 @@ class InfLoRAModel(BaseTuner):
         return interference_report(groups, layers, name)
 
     # ------------------------------------------------------------------ export
-    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None, rank: Optional[int] = None,
-                adapter_name: Optional[str] = None, overwrite: bool = False) -> LoraExport:
+    def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None,
+                rank: Optional[Union[int, float]] = None, adapter_name: Optional[str] = None,
+                overwrite: bool = False) -> LoraExport:
         """Export the finished tasks as a plain PEFT LoRA adapter, relative to the pristine base model.
 
         Per adapted layer the finished tasks add ``dW = past_A past_B`` (``d_out x R`` times ``R x d_in``). Exact
@@ -375,7 +403,8 @@ class InfLoRAModel(BaseTuner):
         Args:
             save_directory: if given, write ``adapter_config.json`` and ``adapter_model.safetensors`` there
                 (as :meth:`LoraExport.save_pretrained`).
-            rank: ``None`` for the exact export, else the largest rank per layer (an int >= 1).
+            rank: ``None`` for the exact export, an int >= 1 for the largest rank per layer, or a float in
+                ``(0, 1]``: per layer the fewest directions holding that share of ``sum s_i^2`` (PEFT's threshold).
             adapter_name: the adapter (defaults to the active one).
             overwrite: replace an adapter already in ``save_directory``.
 
@@ -390,7 +419,8 @@ class InfLoRAModel(BaseTuner):
                 in the finished tasks.
             FileExistsError: ``save_directory`` already holds an adapter (pass ``overwrite=True``) or is a file.
 
-        Every check runs before anything is written.
+        Every check runs before anything is written. ``peft.save_as_lora(folder, model, rank)`` /
+        ``peft.convert_to_lora(model, rank)`` reach the same checks and per-layer factors (see :mod:`.export`).
         """
         name = self._resolve_adapter(adapter_name)
         check_export_rank(rank)
@@ -399,17 +429,6 @@ class InfLoRAModel(BaseTuner):
         layers = self.inflora_layers(name)
         if not layers:
             raise ValueError(f"Adapter '{name}' adapts no layer: there is nothing to export.")
-        if self.task_in_progress(name):
-            raise TaskLifecycleError(
-                f"Task {self.tasks_done(name) + 1} of adapter '{name}' is in progress: the LoRA export holds finished "
-                "tasks only. Call `end_task(batches)` to keep the task or `abort_task()` to discard it, then "
-                "`to_lora`. Nothing was written."
-            )
-        if self.tasks_done(name) == 0:
-            raise TaskLifecycleError(
-                f"Adapter '{name}' has no finished task: there is nothing to export. Learn a task with "
-                "`begin_task(batches)`, training and `end_task(batches)` first. Nothing was written."
-            )
         export = export_to_lora(self.model, layers, name, self.peft_config[name], rank=rank)
         if save_directory is not None:
             export.save_pretrained(save_directory, overwrite=overwrite)

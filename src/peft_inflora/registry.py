@@ -11,11 +11,19 @@ PEFT release that ships its own ``INFLORA`` method and fail with a message that 
 
 The prefix must be exactly ``"inflora_"``: transformers derives a method's parameter prefix as
 ``peft_type.value.lower() + "_"``.
+
+PEFT's LoRA conversion (``peft.convert_to_lora`` / ``peft.save_as_lora``) converts each tuner layer with the module
+function ``peft.tuners.lora.conversion._convert_module_to_lora`` (a dense SVD of ``get_delta_weight``, which for
+``fold="base"`` holds the task in progress only); PEFT special-cases its own MiSS layers inside it.
+:func:`install_lora_conversion` wraps it so that InfLoRA layers get the factors of ``InfLoRAModel.to_lora``
+(``peft_inflora.export.convert_layer_to_lora``) and every other layer PEFT's own conversion.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import logging
 from typing import Optional
 
@@ -223,6 +231,64 @@ def register(config_cls: type, model_cls: type) -> None:
         f"InfLoRA, either use PEFT's (and do not import peft_inflora) or pin PEFT to a version without it, e.g. "
         f"pip install 'peft>={MIN_PEFT_VERSION},<0.22'; otherwise another package registered this name first."
     )
+
+
+# ---------------------------------------------------------------------------------------------- LoRA conversion
+#: the parameters of PEFT 0.21's per-layer conversion function, which the wrapper is written for
+_CONVERSION_PARAMETERS = ("module", "rank", "adapter_name")
+
+
+def _conversion_module():
+    try:
+        from peft.tuners.lora import conversion
+    except ImportError:  # pragma: no cover - PEFT >= 0.21 has it
+        return None
+    return conversion
+
+
+def lora_conversion_installed() -> bool:
+    """Whether PEFT's per-layer LoRA conversion hands InfLoRA layers to ``peft_inflora.export``."""
+    conversion = _conversion_module()
+    return getattr(getattr(conversion, "_convert_module_to_lora", None), "_inflora_conversion", False)
+
+
+def install_lora_conversion() -> bool:
+    """Wrap ``peft.tuners.lora.conversion._convert_module_to_lora`` so InfLoRA layers convert with
+    :func:`peft_inflora.export.convert_layer_to_lora`; other layers go to PEFT's function. Idempotent.
+
+    Returns False, changing nothing, when PEFT has no such function or one with other parameters (a PEFT release this
+    was not written for): ``InfLoRALayer.supports_lora_conversion`` then answers False and PEFT's conversion refuses
+    InfLoRA models with its own ``TypeError`` instead of converting them wrongly; ``to_lora`` keeps working.
+    """
+    conversion = _conversion_module()
+    original = getattr(conversion, "_convert_module_to_lora", None)
+    if original is None:
+        return False
+    if getattr(original, "_inflora_conversion", False):
+        return True
+    try:
+        parameters = tuple(inspect.signature(original).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - defensive
+        return False
+    if parameters != _CONVERSION_PARAMETERS:
+        logger.warning("peft.tuners.lora.conversion._convert_module_to_lora has parameters %s, not %s: "
+                       "peft.save_as_lora / convert_to_lora will refuse InfLoRA models (use model.to_lora).",
+                       parameters, _CONVERSION_PARAMETERS)
+        return False
+
+    @functools.wraps(original)
+    def _convert_module_to_lora(module, rank, adapter_name="default"):
+        from .export import convert_layer_to_lora
+
+        # by the state InfLoRA layers hold rather than isinstance, so layers made before a reload of the package
+        # (notebook autoreload) are still InfLoRA layers here
+        if hasattr(module, "inflora_past_A") and hasattr(module, "inflora_past_B"):
+            return convert_layer_to_lora(module, rank, adapter_name)
+        return original(module, rank, adapter_name)
+
+    _convert_module_to_lora._inflora_conversion = True
+    conversion._convert_module_to_lora = _convert_module_to_lora
+    return True
 
 
 check_peft_version()
