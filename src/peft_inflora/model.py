@@ -20,13 +20,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.other import get_pattern_key
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bnb import check_quantized_target, prepare_quantized_model, quantized_layer_class
+from .bnb import prepare_quantized_model
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
+from .dispatch import _check_target, _layer_class_for, _unsupported_module_error
 from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: importable from here, as before)
     StatisticsError,
     SubspaceExhaustedError,
@@ -34,67 +35,12 @@ from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: i
     TaskLifecycleError,
 )
 from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
-from .layer import InfLoRALayer, Linear
+from .layer import InfLoRALayer, Linear  # noqa: F401  (Linear: importable from here, as before)
 from .lifecycle import design_groups, update_group_memories
 from .loading import checked_load_plan, resize_for_load, undo_failed_load
 from .reports import LayerCapacity, LayerInterference, capacity_report, interference_report
 from .statistics import InputGroup, collect_statistics
 from .subspace import sketch_size
-
-
-def _module_class(module: nn.Module) -> type:
-    """The class that defines ``module``'s computation: FSDP2's ``fully_shard`` (and ``replicate``) swap a module's
-    class for a subclass ``(FSDPModule, cls)`` that adds sharding only; that subclass counts as ``cls``."""
-    cls = type(module)
-    while len(cls.__bases__) == 2 and cls.__bases__[0].__module__.startswith("torch.distributed."):
-        cls = cls.__bases__[1]
-    return cls
-
-
-def _layer_class_for(target: nn.Module) -> Optional[type]:
-    """The InfLoRA layer class for a targeted module: ``torch.nn.Linear`` itself (not a subclass: a subclass may
-    store or use its weight otherwise, and merging / the cached past weight would then be wrong), transformers'
-    ``Conv1D``, or a supported bitsandbytes layer (:mod:`peft_inflora.bnb`); ``None`` for anything else."""
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    quantized = quantized_layer_class(base)
-    if quantized is not None:
-        return quantized
-    if _module_class(base) is nn.Linear or isinstance(base, Conv1D):
-        return Linear
-    return None
-
-
-def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    cls = _module_class(base)
-    lookalike = (
-        f" {cls.__module__}.{cls.__qualname__} is a subclass of torch.nn.Linear but not torch.nn.Linear itself: "
-        "InfLoRA cannot know how it stores and uses its weight (quantized and customised layers differ), so merging "
-        "and the forward could silently be wrong."
-        if isinstance(base, nn.Linear) else ""
-    )
-    return TypeError(
-        f"InfLoRA cannot adapt module '{key}' of type {cls.__name__}: only torch.nn.Linear and transformers' Conv1D "
-        f"are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from `target_modules` "
-        "(or narrow the pattern). Nothing was changed."
-    )
-
-
-def _check_target(config: InfLoRAConfig, key: str, target: nn.Module) -> None:
-    """The checks layer creation would make for one targeted module, without creating anything."""
-    if _layer_class_for(target) is None:
-        raise _unsupported_module_error(key, target)
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    check_quantized_target(key, base, config.fold)
-    in_features, out_features = _get_in_out_features(base)
-    rank_pattern = config.rank_pattern or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), key), config.r)
-    if in_features is not None and out_features is not None and r > min(in_features, out_features):
-        limit = min(in_features, out_features)
-        raise ValueError(
-            f"r={r} is larger than layer '{key}' allows (in_features={in_features}, out_features={out_features}): "
-            f"use r <= {limit}, or give this layer a smaller rank with rank_pattern={{'{key}': {limit}}}."
-        )
 
 
 class InfLoRAModel(BaseTuner):
