@@ -59,10 +59,9 @@ def test_generation_tasks_are_learned_and_scored_by_exact_match(tokenizer, tmp_p
     model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj",
                                                                                  "down_proj"]))
     trainer = ContinualTrainer(model=model, args=training_args(tmp_path, num_train_epochs=40, learning_rate=5e-2,
-                                                               per_device_train_batch_size=16),
-                               task_type="generation", processing_class=tokenizer,
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                               generation_max_new_tokens=3)
+                                                               per_device_train_batch_size=16, setting="generation",
+                                                               generation_max_new_tokens=3),
+                               processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     result = trainer.train_continual(tasks)
     assert result.accuracy_matrix[0][0] == 1.0  # both answers of task 1 memorised exactly
     assert result.accuracy_matrix[1][1] == 1.0
@@ -78,10 +77,10 @@ def test_a_user_answer_metric_replaces_exact_match(tokenizer, tmp_path):
 
     raw = instruction_task("t", [("colour of grass ?", "green")])
     model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, max_steps=1), task_type="generation",
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, max_steps=1, setting="generation",
+                                                               generation_max_new_tokens=2),
                                processing_class=tokenizer, answer_metric=first_letter,
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                               generation_max_new_tokens=2)
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     result = trainer.train_continual([ContinualTask("t", tokenize_instruction_dataset(raw, tokenizer), raw)])
     assert result.accuracy_matrix == [[0.25]]
     assert seen and seen[0][1] == ["green"] and len(seen[0][0]) == 1

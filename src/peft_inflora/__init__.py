@@ -12,7 +12,6 @@ from .config import (
     check_adapter_weights,
 )
 from .export import ExportedLayer, LoraExport
-from .hub import HubPushError, task_revision_name, task_revisions
 from .layer import InfLoRALayer, Linear, NoTaskInProgressError
 from .model import (
     InfLoRAModel,
@@ -25,22 +24,45 @@ from .model import (
 from .registry import register as _register
 from .sketch import SketchWarning
 from .statistics import StatisticsError
-from .metrics import ContinualResult
-from .trainer import ContinualCallback, ContinualTask, ContinualTrainer, tokenize_instruction_dataset
 
 _register(InfLoRAConfig, InfLoRAModel)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterFileError",
+# The continual application (peft_inflora.continual), imported on first use (PEP 562): `import peft_inflora` needs only
+# torch, transformers, peft and safetensors, and loads no Trainer machinery, matplotlib, datasets or evaluate.
+_CONTINUAL_NAMES = (
+    "ContinualArguments",
     "ContinualCallback",
+    "ContinualMixin",
     "ContinualResult",
+    "ContinualSeq2SeqTrainer",
+    "ContinualSeq2SeqTrainingArguments",
     "ContinualTask",
     "ContinualTrainer",
-    "ExportedLayer",
+    "ContinualTrainingArguments",
     "HubPushError",
+    "compare_table",
+    "task_revision_name",
+    "task_revisions",
     "tokenize_instruction_dataset",
+)
+
+
+def __getattr__(name: str):
+    if name in _CONTINUAL_NAMES:
+        from . import continual
+
+        return getattr(continual, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CONTINUAL_NAMES))
+
+__all__ = [
+    "AdapterFileError",
+    "ExportedLayer",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",
     "InfLoRALayer",
@@ -57,6 +79,5 @@ __all__ = [
     "TaskLifecycleError",
     "UnknownConfigFieldError",
     "check_adapter_weights",
-    "task_revision_name",
-    "task_revisions",
+    *_CONTINUAL_NAMES,
 ]
