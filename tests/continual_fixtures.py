@@ -13,6 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from peft_inflora import ContinualTask, ContinualTrainingArguments, InfLoRAConfig
 
+
 VOCAB, SEQ = 96, 12
 
 

@@ -23,15 +23,16 @@ import peft.utils.other
 import peft.utils.save_and_load
 import pytest
 import torch
-from continual_fixtures import bert, inflora_bert, tasks, training_args
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import CommitInfo, GitRefInfo, GitRefs, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel
 from transformers import TrainingArguments
 
+from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
 from peft_inflora.continual.hub import HubPushError, task_revision_name, task_revision_names, task_revisions
+
 
 HUB_FILES = ["README.md", "accuracy_curve.png", "accuracy_matrix.png", "adapter_config.json",
              "adapter_model.safetensors", "continual_result.json"]
@@ -237,7 +238,7 @@ def test_each_branch_loads_the_adapter_and_result_right_after_its_task(hub, push
     trainer, _, recorder, _ = pushed_run
     branch = BRANCHES[k - 1]
     assert hub.files("me/seq", branch) == HUB_FILES
-    model = PeftModel.from_pretrained(bert(num_labels=7), "me/seq", revision=branch)
+    model = PeftModel.from_pretrained(bert(num_labels=[2, 5, 7][k - 1]), "me/seq", revision=branch)  # head grown
     assert model.tasks_done() == k
     assert torch.equal(logits(model, recorder.inputs), recorder.logits[k])  # bit for bit
     for file in ("adapter_config.json", "adapter_model.safetensors"):  # config and weights read from the branch
@@ -264,7 +265,7 @@ def test_main_holds_the_final_adapter_and_result(hub, pushed_run):
 
 def test_continuing_from_a_mid_sequence_branch_ends_like_the_uninterrupted_run(hub, pushed_run, tmp_path):
     _, result, recorder, seq = pushed_run
-    model = PeftModel.from_pretrained(bert(num_labels=7), "me/seq", revision="task-1-news_a", is_trainable=True)
+    model = PeftModel.from_pretrained(bert(num_labels=2), "me/seq", revision="task-1-news_a", is_trainable=True)
     previous = ContinualResult.from_pretrained("me/seq", revision="task-1-news_a")
     trainer = ContinualTrainer(model=model, args=hub_args(tmp_path, "you/continued", push_task_revisions=True))
     continued = trainer.train_continual(named_tasks(), previous_result=previous)

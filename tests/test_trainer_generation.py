@@ -5,12 +5,13 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from continual_fixtures import training_args
 from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from continual_fixtures import training_args
 from peft_inflora import ContinualTask, ContinualTrainer, InfLoRAConfig, tokenize_instruction_dataset
+
 
 WORDS = "colour of grass sky animal that barks meows ? green blue dog cat".split()
 
@@ -56,12 +57,12 @@ def test_generation_tasks_are_learned_and_scored_by_exact_match(tokenizer, tmp_p
         raw = instruction_task(name, pairs * 8)
         tasks.append(ContinualTask(name, tokenize_instruction_dataset(raw, tokenizer),
                                    instruction_task(name, pairs)))
-    model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj",
-                                                                                 "down_proj"]))
-    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, num_train_epochs=40, learning_rate=5e-2,
-                                                               per_device_train_batch_size=16, setting="generation",
-                                                               generation_max_new_tokens=3),
-                               processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
+    config = InfLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = get_peft_model(tiny_llama(tokenizer), config)
+    args = training_args(tmp_path, num_train_epochs=40, learning_rate=5e-2, per_device_train_batch_size=16,
+                         setting="generation", generation_max_new_tokens=3)
+    trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer,
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     result = trainer.train_continual(tasks)
     assert result.accuracy_matrix[0][0] == 1.0  # both answers of task 1 memorised exactly
     assert result.accuracy_matrix[1][1] == 1.0

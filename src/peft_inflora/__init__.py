@@ -25,6 +25,7 @@ from .registry import register as _register
 from .sketch import SketchWarning
 from .statistics import StatisticsError
 
+
 _register(InfLoRAConfig, InfLoRAModel)
 
 __version__ = "0.1.0"
@@ -59,6 +60,7 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_CONTINUAL_NAMES))
+
 
 __all__ = [
     "AdapterFileError",

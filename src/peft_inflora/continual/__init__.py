@@ -29,6 +29,7 @@ from .metrics import (
 from .result import RESULT_FILE, ContinualResult, compare_table
 from .trainer import ContinualSeq2SeqTrainer, ContinualTrainer
 
+
 __all__ = [
     "LOSS_CLASSES",
     "RESULT_FILE",

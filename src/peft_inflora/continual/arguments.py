@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+
 SETTINGS = ("class_incremental", "task_incremental", "generation")
 LOSS_CLASSES = ("task", "seen")
 # the PEFT task types a user may pass to `setting` by mistake (PeftConfig.task_type is another option)
@@ -61,8 +62,9 @@ class ContinualArguments:
                 "trainer's answer_metric). (Not PEFT's task_type, which stays in the PEFT config.)",
         "choices": list(SETTINGS)})
     loss_classes: str = field(default="task", metadata={
-        "help": "Classification loss: cross-entropy over the current task's classes (task, the paper's: other classes' "
-                "head rows get no gradient) or over all classes seen so far (seen: old rows stay frozen but compete).",
+        "help": "Classification loss: cross-entropy over the current task's classes (task, the paper's: other "
+                "classes' head rows get no gradient) or over all classes seen so far (seen: old rows stay frozen but "
+                "compete).",
         "choices": list(LOSS_CLASSES)})
     generation_max_new_tokens: int = field(default=32, metadata={
         "help": "setting=generation: the number of new tokens generated per test prompt in the evaluation."})

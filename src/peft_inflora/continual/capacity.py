@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+
 __all__ = ["capacity_record", "capacity_warning"]
 
 

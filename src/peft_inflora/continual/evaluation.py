@@ -16,6 +16,7 @@ from torch import nn
 
 from .heads import ClassRange
 
+
 AnswerMetric = Callable[[list[str], list[str]], float]
 
 __all__ = ["AnswerMetric", "classification_accuracy", "exact_match", "generate_answers", "normalize_answer",

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from .checkpoint import PLOT_FILES, TASK_REVISION_RECORD, checkpoint_dir, write_result
 from .result import RESULT_FILE, ContinualResult
 
+
 __all__ = ["HUB_FILES", "HubMixin", "HubPushError", "task_revision_name", "task_revision_names", "task_revisions"]
 
 # What push_to_hub uploads from output_dir (the per-task checkpoints under continual/ stay local).
@@ -35,7 +36,6 @@ HUB_FILES = ("adapter_config.json", "adapter_model.safetensors") + RUN_FILES
 
 class HubPushError(RuntimeError):
     """An upload to the Hub failed after the local state was saved; the message says where it is and how to retry."""
-
 
 
 TASK_REVISION_PREFIX = "task-"
@@ -164,7 +164,8 @@ class HubMixin:
                   "import peft_inflora  # registers the InfLoRA method with PEFT: required before loading",
                   "from peft import PeftModel",
                   "from peft_inflora import ContinualResult", "",
-                  f"base = ...  # {base or 'the base model'}" + (f", with num_labels={num_labels}" if with_labels else ""),
+                  f"base = ...  # {base or 'the base model'}"
+                  + (f", with num_labels={num_labels}" if with_labels else ""),
                   f"model = PeftModel.from_pretrained(base, {load_from}, is_trainable=True)",
                   "model.begin_task(next_task_batches)  # continue the sequence in any loop, or with the trainer:",
                   f"# trainer.train_task(next_task, previous_tasks=[...], "

@@ -20,8 +20,6 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -34,19 +32,19 @@ from transformers.trainer_utils import set_seed
 from .. import SubspaceWarning
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments
 from .capacity import capacity_record, capacity_warning
-from .checkpoint import latest_checkpoint, load_adapter_state, read_progress, save_after_task, task_run_dir
+from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
 from .evaluation import AnswerMetric, classification_accuracy, generate_answers, score_answers
 from .heads import (
     ClassRange,
     FrozenHeadRows,
     check_local_labels,
-    class_ranges,
     ensure_head_size,
     num_task_classes,
     to_global_labels,
 )
 from .hub import HubMixin, task_revision_names
-from .result import RESULT_FILE, ContinualResult
+from .result import ContinualResult
+
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
 
@@ -66,19 +64,6 @@ class ContinualCallback(TrainerCallback):
                     **kwargs):
         """After ``end_task``, the evaluation of every task seen so far (``result`` has the new row) and the
         checkpoint ``continual/after-task-NN``."""
-
-
-@dataclass
-class _Sequence:
-    """What is known of the sequence before the next task, found without changing anything."""
-
-    source: str  # "memory" (this trainer), "checkpoint" (output_dir), "adapter" (downloaded + result), "fresh"
-    tasks: list[ContinualTask] = field(default_factory=list)  # the learned tasks, in order
-    eval_datasets: list[Any] = field(default_factory=list)  # their eval data (classification: global labels)
-    class_ranges: list[ClassRange] = field(default_factory=list)
-    result: Optional[ContinualResult] = None
-    checkpoint: Optional[Path] = None  # to load into the model
-    head_size: int = 0  # the checkpoint's head rows (train_continual grows the head to the whole sequence at once)
 
 
 class ContinualMixin(HubMixin):
@@ -200,7 +185,8 @@ class ContinualMixin(HubMixin):
             raise ValueError(
                 "trainer.train() learns train_dataset as the next task and evaluates it on eval_dataset: pass both "
                 "(eval_dataset one dataset, not a dict) to the trainer, or call "
-                "trainer.train_task(ContinualTask(name, train_dataset, eval_dataset)) / trainer.train_continual(tasks).")
+                "trainer.train_task(ContinualTask(name, train_dataset, eval_dataset)) or "
+                "trainer.train_continual(tasks).")
         resume = resume_from_checkpoint is not False
         sequence = self._resolve(None, None, resume)
         task = ContinualTask(f"task-{len(sequence.tasks) + 1}", self.train_dataset, self.eval_dataset)
@@ -255,22 +241,15 @@ class ContinualMixin(HubMixin):
         sequence = self._resolve(tasks, previous_result, resume_from_checkpoint, prefix_of_sequence=True)
         done = len(sequence.tasks)
         if sequence.source == "adapter" and done >= len(tasks):
-            raise ValueError(f"The adapter learned {names[:done]}; `tasks` must start with those tasks, in that order, "
-                             f"and add at least one new task (got {names}).")
+            raise ValueError(f"The adapter learned {names[:done]}; `tasks` must start with those tasks, in that "
+                             f"order, and add at least one new task (got {names}).")
         for task in tasks[done:]:  # every new task's data, checked before anything changes
             self._check_task_data(task)
-        planned_classes = None
         if self._classification:
-            counts = [c[1] - c[0] for c in sequence.class_ranges] + [num_task_classes(t) for t in tasks[done:]]
-            start = sequence.class_ranges[0][0] if sequence.class_ranges else 0
-            planned = class_ranges(counts, start)
-            for task, (lo, hi) in zip(tasks[done:], planned[done:]):
+            for task in tasks[done:]:
                 for dataset in (task.train_dataset, task.eval_dataset):
-                    check_local_labels(dataset, hi - lo, task.name)
-            planned_classes = planned[-1][1]
+                    check_local_labels(dataset, num_task_classes(task), task.name)
         self._adopt(sequence)
-        if planned_classes is not None:  # the whole sequence's head from the start: every checkpoint loads alike
-            ensure_head_size(self.peft_model, planned_classes, self.args.seed)
         if self.continual_result is not None:
             self.continual_result.task_names = names  # the plan: later columns stay blank until learned
         self._planned_names = names
@@ -290,79 +269,16 @@ class ContinualMixin(HubMixin):
 
     # ------------------------------------------------------------------ the sequence so far
     def _resolve(self, previous_tasks: Optional[Sequence[ContinualTask]], previous_result: Any, resume: bool,
-                 prefix_of_sequence: bool = False) -> _Sequence:
+                 prefix_of_sequence: bool = False) -> SequenceSoFar:
         """Find the sequence learned so far (see :meth:`train_task`) and check it; changes nothing."""
-        given = list(previous_tasks) if previous_tasks is not None else None
+        memory = None
         if self.continual_tasks:
-            names = [t.name for t in self.continual_tasks]
-            if previous_result is not None:
-                raise ValueError(f"This trainer already learned {names}: drop previous_result.")
-            if given is not None and [t.name for t in given[: len(names)]] != names:
-                raise ValueError(f"This trainer learned {names}; the tasks given must start with those tasks, in that "
-                                 f"order (got {[t.name for t in given]}).")
-            return _Sequence("memory", list(self.continual_tasks), list(self._eval_datasets),
-                             list(self._class_ranges), self.continual_result)
-        learned = self.peft_model.tasks_done() if self.is_inflora else 0
-        checkpoint = latest_checkpoint(self.args.output_dir) if resume else None
-        stored_ranges, head_size = None, 0
-        if previous_result is not None:
-            if learned == 0:
-                raise ValueError("previous_result was given, but the adapter has not learned any task yet: load the "
-                                 "adapter that goes with it (PeftModel.from_pretrained), or drop previous_result.")
-            result = previous_result if isinstance(previous_result, ContinualResult) else \
-                ContinualResult.from_pretrained(previous_result)
-            if result.num_learned != learned:
-                raise ValueError(f"previous_result holds {result.num_learned} learned task(s) but the adapter has "
-                                 f"learned {learned}: pass the result saved together with this adapter.")
-            source, checkpoint = "adapter", None
-        elif checkpoint is not None:
-            progress = read_progress(checkpoint)
-            if learned not in (0, progress["tasks_done"]):
-                raise ValueError(
-                    f"The adapter has learned {learned} task(s) but the checkpoint {checkpoint} of output_dir holds "
-                    f"{progress['tasks_done']}: pass previous_result= to continue the adapter's own sequence, or "
-                    "resume_from_checkpoint=False (or another output_dir) to leave that checkpoint alone.")
-            result = ContinualResult.from_json(checkpoint / RESULT_FILE)
-            stored_ranges, source = progress.get("class_ranges"), "checkpoint"
-            head_size = progress.get("num_labels") or 0
-        elif learned > 0:
-            raise ValueError(
-                f"The adapter has already learned {learned} task(s). To continue its sequence pass "
-                "previous_result=ContinualResult.from_pretrained(<the adapter's folder or Hub repo id>) and the "
-                "learned tasks (train_continual: the whole sequence, learned tasks first; train_task: "
-                "previous_tasks=[...]); to start a new sequence, start from a fresh adapter (get_peft_model).")
-        else:
-            return _Sequence("fresh")
-        done = result.num_learned
-        names = list(result.task_names[:done])
-        where = checkpoint if checkpoint is not None else "the adapter's result"
-        if given is None:
-            raise ValueError(
-                f"The sequence so far ({where}) learned {names}. Its tasks' eval data are needed to evaluate them after "
-                "the new task: pass previous_tasks=[ContinualTask(name, None, eval_dataset, label_names), ...] for "
-                f"{names}, in that order (or train_continual(tasks) with the whole sequence).")
-        if [t.name for t in given[:done]] != names or (not prefix_of_sequence and len(given) != done):
-            if source == "checkpoint":
-                raise ValueError(f"The checkpoint in {checkpoint} learned tasks {names}, which is not the start of "
-                                 f"the given sequence {[t.name for t in given]}: resume with the same tasks in the "
-                                 "same order.")
-            raise ValueError(f"The adapter learned {names}; `tasks` must start with those tasks, in that order, "
-                             f"and add at least one new task (got {[t.name for t in given]}).")
-        tasks = given[:done]
-        for task in tasks:
-            if task.eval_dataset is None:
-                raise ValueError(f"Learned task '{task.name}' has no eval_dataset: every task is evaluated after "
-                                 "every later task.")
-        ranges: list[ClassRange] = []
-        eval_datasets = [t.eval_dataset for t in tasks]
-        if self._classification:
-            stored_ranges = stored_ranges or result.extra.get("class_ranges")
-            ranges = [tuple(r) for r in stored_ranges] if stored_ranges else \
-                class_ranges([num_task_classes(t) for t in tasks])
-            if len(ranges) != done:
-                raise ValueError(f"The saved class ranges {ranges} do not cover the {done} learned tasks.")
-            eval_datasets = [to_global_labels(t.eval_dataset, r, t.name) for t, r in zip(tasks, ranges)]
-        return _Sequence(source, tasks, eval_datasets, ranges, result, checkpoint, head_size)
+            memory = SequenceSoFar("memory", list(self.continual_tasks), list(self._eval_datasets),
+                                   list(self._class_ranges), self.continual_result)
+        return resolve_sequence(
+            memory=memory, learned=self.peft_model.tasks_done() if self.is_inflora else 0,
+            output_dir=self.args.output_dir, previous_tasks=previous_tasks, previous_result=previous_result,
+            resume=resume, classification=self._classification, prefix_of_sequence=prefix_of_sequence)
 
     def _check_task_data(self, task: ContinualTask) -> None:
         if task.train_dataset is None:
@@ -379,7 +295,7 @@ class ContinualMixin(HubMixin):
                 raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
                                  "set eval_prompt_column / eval_answer_column in the training arguments.")
 
-    def _prepare_task(self, task: ContinualTask, sequence: _Sequence) -> tuple[Any, Any, Optional[ClassRange]]:
+    def _prepare_task(self, task: ContinualTask, sequence: SequenceSoFar) -> tuple[Any, Any, Optional[ClassRange]]:
         """Check the next task against the sequence and give its (train, eval) data and class range."""
         names = [t.name for t in sequence.tasks]
         if task.name in names:
@@ -394,7 +310,7 @@ class ContinualMixin(HubMixin):
         return (to_global_labels(task.train_dataset, classes, task.name),
                 to_global_labels(task.eval_dataset, classes, task.name), classes)
 
-    def _adopt(self, sequence: _Sequence) -> None:
+    def _adopt(self, sequence: SequenceSoFar) -> None:
         """Make the resolved sequence the trainer's (loads a checkpoint's adapter into the model)."""
         if sequence.source in ("memory", "fresh"):
             return

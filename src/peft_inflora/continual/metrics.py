@@ -34,8 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -47,6 +46,7 @@ __all__ = [
     "forgetting",
     "incremental_accuracies",
 ]
+
 
 # ---------------------------------------------------------------------------------------------
 # validation
@@ -207,11 +207,9 @@ def _markdown(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequen
     return "\n".join(lines)
 
 
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
-

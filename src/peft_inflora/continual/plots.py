@@ -14,6 +14,7 @@ import numpy as np
 
 from .metrics import incremental_accuracies
 
+
 if TYPE_CHECKING:
     from .result import ContinualResult
 
@@ -110,4 +111,3 @@ def plot_accuracy_curve(
     ax.legend()
     ax.set_title(title if title is not None else "accuracy over the task sequence")
     return _save(fig, path)
-

@@ -29,6 +29,7 @@ from .metrics import (
     forgetting,
 )
 
+
 RESULT_FILE = "continual_result.json"  # the name under which a run's result is saved next to its adapter
 
 __all__ = ["RESULT_FILE", "ContinualResult", "compare_table"]
@@ -36,6 +37,7 @@ __all__ = ["RESULT_FILE", "ContinualResult", "compare_table"]
 _FORMAT = "peft_inflora.ContinualResult"
 _FORMAT_VERSION = 1
 _DEFAULT_METHOD = "InfLoRA"
+
 
 # ---------------------------------------------------------------------------------------------
 # result record

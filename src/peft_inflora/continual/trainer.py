@@ -11,6 +11,7 @@ from transformers import Seq2SeqTrainer, Trainer
 from .arguments import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .loop import ContinualMixin
 
+
 __all__ = ["ContinualSeq2SeqTrainer", "ContinualTrainer"]
 
 
