@@ -341,3 +341,23 @@ def test_task_names_without_a_distinct_branch_fail_before_training(hub, tmp_path
     assert trainer.peft_model.tasks_done() == 0 and not trainer.peft_model.task_in_progress()
     assert hub.calls_for("me/badnames", "create_branch") == [] and hub.calls_for("me/badnames", "upload") == []
     assert not (tmp_path / "continual").exists()
+
+
+def test_after_a_failed_push_the_next_train_task_pushes_the_missing_branch_first(hub, tmp_path):
+    seq = named_tasks((2, 2), ["t0", "t1"])
+    hub.fail_uploads.add(("me/onebyone", "task-1-t0"))
+    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path, "me/onebyone", push_task_revisions=True))
+    with pytest.raises(HubPushError, match=r"task 1 \('t0'\) to branch 'task-1-t0'"):
+        trainer.train_task(seq[0])
+    assert trainer.peft_model.tasks_done() == 1 and hub.calls_for("me/onebyone", "upload") == []
+    trainer.train_task(seq[1])  # a lone train_task also moves main to the latest task
+    assert [u[2] for u in hub.calls_for("me/onebyone", "upload")] == ["task-1-t0", "task-2-t1", "main"]
+    assert ContinualResult.from_pretrained("me/onebyone", revision="task-1-t0").num_learned == 1
+
+
+def test_task_branches_are_created_from_task_revision_base(hub, tmp_path):
+    args = hub_args(tmp_path, "me/based", push_task_revisions=True, task_revision_base="dev", max_steps=1)
+    trainer = ContinualTrainer(model=inflora_bert(), args=args)
+    hub.folder("me/based", "dev").mkdir(parents=True)
+    trainer.train_continual(named_tasks((2,), ["t0"]))
+    assert hub.calls_for("me/based", "create_branch") == [("create_branch", "me/based", "task-1-t0", "dev")]

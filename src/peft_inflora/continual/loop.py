@@ -215,6 +215,7 @@ class ContinualMixin(HubMixin):
         sequence = self._resolve(previous_tasks, previous_result, resume_from_checkpoint)
         prepared = self._prepare_task(task, sequence)
         self._adopt(sequence)
+        self._push_missing()
         self._learn(task, *prepared)
         return self.continual_result
 
@@ -250,6 +251,7 @@ class ContinualMixin(HubMixin):
                 for dataset in (task.train_dataset, task.eval_dataset):
                     check_local_labels(dataset, num_task_classes(task), task.name)
         self._adopt(sequence)
+        self._push_missing()
         if self.continual_result is not None:
             self.continual_result.task_names = names  # the plan: later columns stay blank until learned
         self._planned_names = names
@@ -324,7 +326,10 @@ class ContinualMixin(HubMixin):
         self._class_ranges = list(sequence.class_ranges)
         self.continual_result = copy.deepcopy(sequence.result)
         self.continual_result.extra.update(self._result_extra())
-        if self.args.push_task_revisions and sequence.source == "checkpoint":  # an upload that failed before
+
+    def _push_missing(self) -> None:
+        """With push_task_revisions: push the finished tasks whose branch is missing (an upload failed before)."""
+        if self.args.push_task_revisions and self.continual_tasks:
             self._push_missing_task_revisions([t.name for t in self.continual_tasks])
 
     def _result_extra(self) -> dict[str, Any]:
