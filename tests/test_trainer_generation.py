@@ -85,3 +85,19 @@ def test_a_user_answer_metric_replaces_exact_match(tokenizer, tmp_path):
     result = trainer.train_continual([ContinualTask("t", tokenize_instruction_dataset(raw, tokenizer), raw)])
     assert result.accuracy_matrix == [[0.25]]
     assert seen and seen[0][1] == ["green"] and len(seen[0][0]) == 1
+
+
+def test_the_eval_columns_are_options_and_a_missing_one_is_refused_before_training(tokenizer, tmp_path):
+    raw = instruction_task("t", [("colour of grass ?", "green")])
+    renamed = raw.rename_columns({"prompt": "question", "answer": "gold"})
+    train = tokenize_instruction_dataset(raw, tokenizer)
+    model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    args = training_args(tmp_path, max_steps=1, setting="generation", eval_prompt_column="question",
+                         eval_answer_column="gold", generation_max_new_tokens=2)
+    trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator)
+    with pytest.raises(ValueError, match=r"no column \['question', 'gold'\].*set eval_prompt_column"):
+        trainer.train_task(ContinualTask("t", train, raw))  # eval data with the default column names
+    assert model.tasks_done() == 0 and not model.task_in_progress() and not (tmp_path / "continual").exists()
+    result = trainer.train_task(ContinualTask("t", train, renamed))
+    assert result.num_learned == 1 and result.accuracy_matrix[0][0] in (0.0, 1.0)

@@ -8,10 +8,13 @@ every task: ``free // r`` tasks fit.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
+from .. import SubspaceWarning
 
-__all__ = ["capacity_record", "capacity_warning"]
+
+__all__ = ["capacity_record", "capacity_warning", "report_capacity"]
 
 
 def capacity_record(report: list[Any]) -> tuple[dict[str, list], dict[str, float]]:
@@ -51,3 +54,19 @@ def capacity_warning(report: list[Any], config: Any, task_number: int, task_name
     return (f"InfLoRA capacity after task {task_number} ('{task_name}'): in {len(short)} adapted layer(s), e.g. "
             f"'{c.layers[0]}' (memory {c.memory_dimension} of {c.d_in} dimensions, threshold "
             f"{c.energy_threshold:.4f}), {now}. To keep room for later tasks, {advice}.")
+
+
+def report_capacity(model: Any, result: Any, task_number: int, task_name: str,
+                    total_tasks: Optional[int]) -> dict[str, float]:
+    """After task ``task_number`` (1-based): append the capacity record to ``result.extra["capacity"]``, warn
+    (:class:`SubspaceWarning`) when later tasks will run short of room, and return the values to log. The tasks
+    left are ``total_tasks - task_number`` (default total: ``InfLoRAConfig.total_tasks``; unknown: no warning)."""
+    report = model.capacity_report()
+    record, logs = capacity_record(report)
+    result.extra.setdefault("capacity", []).append(record)
+    config = model.peft_config[model.active_adapter]
+    total = total_tasks or getattr(config, "total_tasks", None)
+    message = capacity_warning(report, config, task_number, task_name, total - task_number if total else None)
+    if message:
+        warnings.warn(message, SubspaceWarning, stacklevel=4)
+    return logs

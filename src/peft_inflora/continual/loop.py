@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -29,9 +28,8 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import set_seed
 
-from .. import SubspaceWarning
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments
-from .capacity import capacity_record, capacity_warning
+from .capacity import report_capacity
 from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
 from .evaluation import AnswerMetric, classification_accuracy, generate_answers, score_answers
 from .heads import (
@@ -291,11 +289,7 @@ class ContinualMixin(HubMixin):
         if not self._classification:
             if self.processing_class is None:
                 raise ValueError("Generation evaluation needs the tokenizer: pass processing_class=tokenizer.")
-            columns = getattr(task.eval_dataset, "column_names", None) or []
-            missing = [c for c in (self.args.eval_prompt_column, self.args.eval_answer_column) if c not in columns]
-            if missing:
-                raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
-                                 "set eval_prompt_column / eval_answer_column in the training arguments.")
+            self.check_generation_eval_dataset(task)
 
     def _prepare_task(self, task: ContinualTask, sequence: SequenceSoFar) -> tuple[Any, Any, Optional[ClassRange]]:
         """Check the next task against the sequence and give its (train, eval) data and class range."""
@@ -306,11 +300,32 @@ class ContinualMixin(HubMixin):
         if self.args.push_task_revisions:
             task_revision_names(names + [task.name])
         if not self._classification:
-            return task.train_dataset, task.eval_dataset, None
+            return self.prepare_train_dataset(task.train_dataset, task), task.eval_dataset, None
         lo = sequence.class_ranges[-1][1] if sequence.class_ranges else 0
         classes = (lo, lo + num_task_classes(task))
-        return (to_global_labels(task.train_dataset, classes, task.name),
-                to_global_labels(task.eval_dataset, classes, task.name), classes)
+        train_dataset = to_global_labels(task.train_dataset, classes, task.name)
+        return self.prepare_train_dataset(train_dataset, task), to_global_labels(task.eval_dataset, classes,
+                                                                                 task.name), classes
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def prepare_train_dataset(self, dataset: Any, task: ContinualTask) -> Any:
+        """The task's training data as this trainer trains on it (default: as given; classification: with global
+        labels already). A trainer that prepares data in ``__init__`` (TRL's ``SFTTrainer`` tokenizes
+        conversations) overrides this to prepare each task's data the same way. Called before anything changes."""
+        return dataset
+
+    def check_generation_eval_dataset(self, task: ContinualTask) -> None:
+        """Refuse, before anything changes, eval data that :meth:`generation_references` cannot read."""
+        columns = getattr(task.eval_dataset, "column_names", None) or []
+        missing = [c for c in (self.args.eval_prompt_column, self.args.eval_answer_column) if c not in columns]
+        if missing:
+            raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
+                             "set eval_prompt_column / eval_answer_column in the training arguments.")
+
+    def generation_references(self, dataset: Any) -> tuple[list[str], list[str]]:
+        """``(prompts, reference answers)`` of a generation task's eval data (default: the columns
+        ``eval_prompt_column`` / ``eval_answer_column``); e.g. a TRL trainer renders conversations here."""
+        return list(dataset[self.args.eval_prompt_column]), list(dataset[self.args.eval_answer_column])
 
     def _adopt(self, sequence: SequenceSoFar) -> None:
         """Make the resolved sequence the trainer's (loads a checkpoint's adapter into the model)."""
@@ -395,7 +410,8 @@ class ContinualMixin(HubMixin):
             self.train_dataset, self.eval_dataset = user_data
             self._current, self._task_classes, self._frozen_head = None, None, None
         if self.is_inflora:
-            self._report_capacity(index, task.name)
+            self.log(report_capacity(peft_model, result, index + 1, task.name,
+                                     len(self._planned_names) if self._planned_names else None))
         self.continual_tasks.append(task)
         self._eval_datasets.append(eval_dataset)
         if classes is not None:
@@ -419,27 +435,16 @@ class ContinualMixin(HubMixin):
         """Accuracy on task ``j`` after learning tasks ``0..seen``."""
         dataset = self._eval_datasets[j]
         if not self._classification:
+            prompts, references = self.generation_references(dataset)
             predictions = generate_answers(
-                self.peft_model, self.processing_class, list(dataset[self.args.eval_prompt_column]),
-                batch_size=self.args.per_device_eval_batch_size, max_new_tokens=self.args.generation_max_new_tokens,
-                device=self.args.device, num_beams=getattr(self.args, "generation_num_beams", None) or 1)
-            return score_answers(predictions, list(dataset[self.args.eval_answer_column]), self.answer_metric)
+                self.peft_model, self.processing_class, prompts, batch_size=self.args.per_device_eval_batch_size,
+                max_new_tokens=self.args.generation_max_new_tokens, device=self.args.device,
+                num_beams=getattr(self.args, "generation_num_beams", None) or 1)
+            return score_answers(predictions, references, self.answer_metric)
         output = self.predict(dataset, metric_key_prefix=f"eval_{self.continual_tasks[j].name}")
         classes = (0, self._class_ranges[seen][1]) if self.args.setting == "class_incremental" \
             else self._class_ranges[j]
         return classification_accuracy(output.predictions, output.label_ids, classes)
-
-    def _report_capacity(self, index: int, task_name: str) -> None:
-        """Log the memory's fill after task ``index`` and warn when later tasks will run short of room."""
-        report = self.peft_model.capacity_report()
-        record, logs = capacity_record(report)
-        self.continual_result.extra.setdefault("capacity", []).append(record)
-        self.log(logs)
-        config = self.peft_model.peft_config[self.peft_model.active_adapter]
-        total = len(self._planned_names) if self._planned_names else getattr(config, "total_tasks", None)
-        message = capacity_warning(report, config, index + 1, task_name, total - index - 1 if total else None)
-        if message:
-            warnings.warn(message, SubspaceWarning, stacklevel=3)
 
     def _call_task_event(self, event: str, **kwargs: Any) -> None:
         for callback in self.callback_handler.callbacks:
