@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
@@ -21,8 +22,8 @@ from .arguments import ContinualTask
 
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
 
-__all__ = ["ClassRange", "FrozenHeadRows", "check_local_labels", "class_ranges", "ensure_head_size", "find_head",
-           "grow_linear", "new_head_row", "num_task_classes", "to_global_labels"]
+__all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "check_local_labels", "class_ranges", "ensure_head_size",
+           "find_head", "grow_linear", "new_head_row", "num_task_classes", "to_global_labels"]
 
 
 def label_column(dataset: Any) -> Optional[str]:
@@ -167,3 +168,33 @@ class FrozenHeadRows:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         target = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; hook the real one
         target.register_step_post_hook(self.restore)
+
+
+class HeadLossMixin:
+    """The Trainer hooks of a class-incremental head (mixed into :class:`~.loop.ContinualMixin`): the loss over the
+    task's classes and the frozen rows. The trainer sets ``_task_classes`` and ``_frozen_head`` while a task trains."""
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``, the paper's
+        loss, ``loss_classes="task"``), so other classes' head rows get exactly zero gradient; or over all classes
+        seen so far (``logits[:, :hi]``, ``loss_classes="seen"``). Generation: the trainer's own loss."""
+        if self.args.setting == "generation" or self._task_classes is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        lo, hi = self._task_classes
+        if self.args.loss_classes == "seen":
+            lo = 0
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = F.cross_entropy(logits[:, lo:hi].float(), labels - lo)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The trainer's optimizer, plus a post-step hook that restores the head rows of every class outside the
+        current task."""
+        optimizer = super().create_optimizer(model)
+        if self._frozen_head is not None:
+            self._frozen_head.attach(optimizer)
+        return optimizer

@@ -4,10 +4,10 @@ For task ``t`` (0-based): ``begin_task`` over the task's training data, read thr
 Accelerate-prepared dataloader (so under DDP each process sees its shard and the statistics are all-reduced, and under
 TRL the covariance sees exactly the tokens that are trained); ``Trainer.train()`` with a fresh optimizer and scheduler;
 ``end_task``; then the evaluation of every task seen so far, which is row ``t`` of the accuracy matrix. The training
-loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes),
-``create_optimizer`` (old head rows frozen bit for bit), ``_get_output_dir`` (the Trainer's own checkpoints of task
-``t`` go to ``output_dir/continual/task-NN-<name>``, while ``args.output_dir`` stays the same for every callback),
-``train`` and the Hub methods.
+loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes) and
+``create_optimizer`` (old head rows frozen bit for bit), both in :class:`~.heads.HeadLossMixin`; ``_get_output_dir``
+(the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while ``args.output_dir``
+stays the same for every callback); ``train``; and the Hub methods (:class:`~.hub.HubMixin`).
 
 ``class MyTrainer(ContinualMixin, SomeTrainer)`` makes any ``Trainer`` subclass continual, with arguments of a class
 ``(ContinualArguments, SomeTrainingArguments)``.
@@ -21,10 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
-import torch
-import torch.nn.functional as F
 from peft import PeftModel
-from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import set_seed
 
@@ -35,6 +32,7 @@ from .evaluation import AnswerMetric, classification_accuracy, generate_answers,
 from .heads import (
     ClassRange,
     FrozenHeadRows,
+    HeadLossMixin,
     check_local_labels,
     ensure_head_size,
     num_task_classes,
@@ -64,7 +62,7 @@ class ContinualCallback(TrainerCallback):
         checkpoint ``continual/after-task-NN``."""
 
 
-class ContinualMixin(HubMixin):
+class ContinualMixin(HeadLossMixin, HubMixin):
     """The continual loop for any ``transformers.Trainer`` subclass (put it first: ``(ContinualMixin, Trainer)``).
 
     Args:
@@ -129,31 +127,6 @@ class ContinualMixin(HubMixin):
         return self.args.setting != "generation"
 
     # ------------------------------------------------------------------ Trainer hooks
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
-        """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``, the paper's
-        loss, ``loss_classes="task"``), so other classes' head rows get exactly zero gradient; or over all classes
-        seen so far (``logits[:, :hi]``, ``loss_classes="seen"``). Generation: the trainer's own loss."""
-        if not self._classification or self._task_classes is None or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        lo, hi = self._task_classes
-        if self.args.loss_classes == "seen":
-            lo = 0
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss = F.cross_entropy(logits[:, lo:hi].float(), labels - lo)
-        return (loss, outputs) if return_outputs else loss
-
-    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """The trainer's optimizer, plus a post-step hook that restores the head rows of every class outside the
-        current task."""
-        optimizer = super().create_optimizer(model)
-        if self._frozen_head is not None:
-            self._frozen_head.attach(optimizer)
-        return optimizer
-
     def _get_output_dir(self, trial: Any) -> str:
         """While task NN trains, the Trainer's own checkpoints go to ``continual/task-NN-<name>`` under the run's
         folder (``args.output_dir`` itself never changes)."""
