@@ -289,11 +289,27 @@ class ContinualMixin(HubMixin):
         if not self._classification:
             if self.processing_class is None:
                 raise ValueError("Generation evaluation needs the tokenizer: pass processing_class=tokenizer.")
-            columns = getattr(task.eval_dataset, "column_names", None) or []
-            missing = [c for c in (self.args.eval_prompt_column, self.args.eval_answer_column) if c not in columns]
-            if missing:
-                raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
-                                 "set eval_prompt_column / eval_answer_column in the training arguments.")
+            self._check_generation_data(task)
+
+    # ------------------------------------------------------------------ data hooks (a subclass adapts its format)
+    def _check_generation_data(self, task: ContinualTask) -> None:
+        """setting="generation": check that ``task``'s data has the format :meth:`_generation_eval_pairs` reads
+        (cheap: columns, first rows); raises before anything changes."""
+        columns = getattr(task.eval_dataset, "column_names", None) or []
+        missing = [c for c in (self.args.eval_prompt_column, self.args.eval_answer_column) if c not in columns]
+        if missing:
+            raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
+                             "set eval_prompt_column / eval_answer_column in the training arguments.")
+
+    def _prepare_train_dataset(self, task: ContinualTask) -> Any:
+        """The task's training data as this trainer trains it (default: ``task.train_dataset`` unchanged; the TRL
+        trainer tokenizes it with ``SFTTrainer``'s own preparation). Called before anything changes."""
+        return task.train_dataset
+
+    def _generation_eval_pairs(self, dataset: Any) -> tuple[list, list[str]]:
+        """setting="generation": the prompts (strings, or token id lists) and reference answers of an eval dataset
+        (default: the columns ``eval_prompt_column`` / ``eval_answer_column``)."""
+        return list(dataset[self.args.eval_prompt_column]), list(dataset[self.args.eval_answer_column])
 
     def _prepare_task(self, task: ContinualTask, sequence: SequenceSoFar) -> tuple[Any, Any, Optional[ClassRange]]:
         """Check the next task against the sequence and give its (train, eval) data and class range."""
@@ -303,11 +319,12 @@ class ContinualMixin(HubMixin):
         self._check_task_data(task)
         if self.args.push_task_revisions:
             task_revision_names(names + [task.name])
+        train_dataset = self._prepare_train_dataset(task)
         if not self._classification:
-            return task.train_dataset, task.eval_dataset, None
+            return train_dataset, task.eval_dataset, None
         lo = sequence.class_ranges[-1][1] if sequence.class_ranges else 0
         classes = (lo, lo + num_task_classes(task))
-        return (to_global_labels(task.train_dataset, classes, task.name),
+        return (to_global_labels(train_dataset, classes, task.name),
                 to_global_labels(task.eval_dataset, classes, task.name), classes)
 
     def _adopt(self, sequence: SequenceSoFar) -> None:
@@ -414,11 +431,12 @@ class ContinualMixin(HubMixin):
         """Accuracy on task ``j`` after learning tasks ``0..seen``."""
         dataset = self._eval_datasets[j]
         if not self._classification:
+            prompts, references = self._generation_eval_pairs(dataset)
             predictions = generate_answers(
-                self.peft_model, self.processing_class, list(dataset[self.args.eval_prompt_column]),
+                self.peft_model, self.processing_class, prompts,
                 batch_size=self.args.per_device_eval_batch_size, max_new_tokens=self.args.generation_max_new_tokens,
                 device=self.args.device, num_beams=getattr(self.args, "generation_num_beams", None) or 1)
-            return score_answers(predictions, list(dataset[self.args.eval_answer_column]), self.answer_metric)
+            return score_answers(predictions, references, self.answer_metric)
         output = self.predict(dataset, metric_key_prefix=f"eval_{self.continual_tasks[j].name}")
         classes = (0, self._class_ranges[seen][1]) if self.args.setting == "class_incremental" \
             else self._class_ranges[j]
