@@ -26,7 +26,8 @@ from tiny_models import tiny_llama  # noqa: E402
 
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[USER]", "[ASSISTANT]"]  # ids 0, 1, 2 as in tiny_llama's config
-WORDS = "colour of the grass sky snow in winter animal that barks meows moos field ? green blue white dog cat cow".split()
+WORDS = ("colour of the grass sky snow in winter animal that barks meows moos field ? "
+         "green blue white dog cat cow").split()
 # one user turn, one assistant turn ending in [EOS]; the assistant text and its [EOS] inside {% generation %}
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -37,7 +38,8 @@ CHAT_TEMPLATE = (
 )
 # questions of different lengths, so that batches hold padding
 COLOURS = [("colour of grass ?", "green"), ("colour of the sky ?", "blue"), ("colour of snow in winter ?", "white")]
-ANIMALS = [("animal that barks ?", "dog"), ("the animal that meows ?", "cat"), ("animal that moos in the field ?", "cow")]
+ANIMALS = [("animal that barks ?", "dog"), ("the animal that meows ?", "cat"),
+           ("animal that moos in the field ?", "cow")]
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,17 @@ def test_the_statistics_count_every_non_padding_token_of_the_batches_they_read(t
         assert labelled < non_padding < padded  # (the batches do hold padding and prompt tokens)
 
 
+def test_the_eval_prompt_is_the_trained_sequence_up_to_the_answer(two_chat_tasks, tokenizer):
+    trainer = two_chat_tasks[0]
+    task = ContinualTask("colours", conversations(COLOURS), conversations(COLOURS))
+    prompts, references = trainer._generation_eval_pairs(task.eval_dataset)
+    assert references == [answer for _, answer in COLOURS]  # the last (assistant) message
+    for prompt, row in zip(prompts, trainer._prepare_train_dataset(task)):
+        start = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        assert prompt == row["input_ids"][:start]  # chat template + generation prompt, nothing added twice
+        assert prompt[-1] == tokenizer.convert_tokens_to_ids("[ASSISTANT]")
+
+
 # ---------------------------------------------------------------------------------------------- prompt/completion
 def test_prompt_completion_tasks_learned_one_at_a_time_with_train_task(tokenizer, tmp_path):
     trainer = ContinualSFTTrainer(model=inflora_llama(), args=sft_config(tmp_path), processing_class=tokenizer)
@@ -200,6 +213,33 @@ def test_prompt_completion_tasks_learned_one_at_a_time_with_train_task(tokenizer
     second = trainer.train_task(chat)
     assert len(second.accuracy_matrix) == 2 and second.accuracy_matrix[1][1] == 1.0
     assert trainer.peft_model.tasks_done() == 2 and second.task_names == ["colours", "animals"]
+
+
+def test_train_learns_the_trainers_own_datasets_and_evaluate_prepares_the_eval_dataset(tokenizer, tmp_path):
+    train, test = conversations(COLOURS * 2), conversations(COLOURS)
+    trainer = ContinualSFTTrainer(model=inflora_llama(), args=sft_config(tmp_path, max_steps=2),
+                                  train_dataset=train, eval_dataset=test, processing_class=tokenizer)
+    assert trainer.train_dataset is train and trainer.eval_dataset is test  # kept as given, not the stand-in
+    output = trainer.train()
+    assert output.global_step == 2
+    assert trainer.continual_result.task_names == ["task-1"] and len(trainer.continual_result.accuracy_matrix) == 1
+    assert trainer.peft_model.tasks_done() == 1
+    metrics = trainer.evaluate()  # the messages eval set, tokenized with its assistant mask
+    assert metrics["eval_loss"] > 0 and trainer.eval_dataset is test
+
+
+def test_padding_free_batches_count_every_token_of_the_flattened_row(tokenizer, tmp_path, monkeypatch):
+    spy = StatisticsSpy(monkeypatch)
+    trainer = ContinualSFTTrainer(model=inflora_llama(), args=sft_config(tmp_path, max_steps=1, padding_free=True,
+                                                                         max_length=None),
+                                  processing_class=tokenizer)
+    trainer.train_task(ContinualTask("colours", conversations(COLOURS * 4), conversations(COLOURS)))
+    assert len(spy.passes) == 2
+    for batches, counts in spy.passes:
+        assert all("attention_mask" not in b and b["input_ids"].shape[0] == 1 for b in batches)
+        tokens = sum(b["input_ids"].numel() for b in batches)  # one row, no padding
+        assert all(c == tokens for c in counts)
+        assert sum(int((b["labels"] != -100).sum()) for b in batches) < tokens
 
 
 # ---------------------------------------------------------------------------------------------- refusals

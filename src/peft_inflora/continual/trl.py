@@ -222,7 +222,8 @@ class ContinualSFTTrainer(ContinualMixin, SFTTrainer):
             try:
                 patched = get_training_chat_template(processing_class)
             except ValueError as err:
-                raise ValueError(f"{err} Or set assistant_only_loss=False to train on the whole conversation.") from err
+                raise ValueError(f"{err} Or set assistant_only_loss=False to train on the whole conversation.") \
+                    from err
         if not self._stop_token_checked:
             self._stop_token_checked = True
             if not is_chat_template_stop_token_trained(processing_class, chat_template=patched):
