@@ -9,7 +9,7 @@ scored by :func:`exact_match` or a user ``answer_metric(predictions, references)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -46,9 +46,12 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 @torch.no_grad()
-def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, batch_size: int,
-                     max_new_tokens: int, device: Any, num_beams: int = 1) -> list[str]:
-    """Greedy (or beam) answers to ``prompts``: decoder-only models left-padded, only the new tokens decoded."""
+def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[Union[str, Sequence[int]]], *,
+                     batch_size: int, max_new_tokens: int, device: Any, num_beams: int = 1) -> list[str]:
+    """Greedy (or beam) answers to ``prompts``: decoder-only models left-padded, only the new tokens decoded.
+
+    A prompt is a string (tokenized here, with the tokenizer's special tokens) or a list of token ids, used as is
+    (e.g. a conversation rendered by the chat template, exactly as the training data was tokenized)."""
     was_training = model.training
     model.eval()
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -57,7 +60,11 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
     answers: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i: i + batch_size]), return_tensors="pt", padding=True).to(device)
+            batch = list(prompts[i: i + batch_size])
+            if isinstance(batch[0], str):
+                enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+            else:
+                enc = tokenizer.pad({"input_ids": [list(ids) for ids in batch]}, return_tensors="pt").to(device)
             enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                                  pad_token_id=tokenizer.pad_token_id)
