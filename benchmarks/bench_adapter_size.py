@@ -39,8 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+
 
 TASKS = (1, 5, 10)
 LAYOUTS = ("per-layer", "shared", "shared + bf16 memory", "shared + fp16 memory")
@@ -364,18 +366,20 @@ def markdown(result: dict) -> str:
     lines += ["", "Memory columns stored per layer at T = 10: "
               f"{m['inflora'][max(m['inflora'])]['stored_memory_columns']}.", "",
               "16-bit past factors (not an option; measured by rounding past_A, past_B in the live model):", "",
-              "| T | bytes if past factors were bf16 (shared, f32 memory) | / LoRA | max rel. dW error | logits error / "
-              "adapter change | max abs logit error | argmax agreement |", "|---|---|---|---|---|---|---|"]
+              "| T | bytes if past factors were bf16 (shared, f32 memory) | / LoRA | max rel. dW error "
+              "| logits error / adapter change | max abs logit error | argmax agreement |",
+              "|---|---|---|---|---|---|---|"]
     for T, cost in m["bf16_past"].items():
         p = m["inflora"][T]["layouts"]["shared"]
         halved = p["file"] - (p["inflora_past_A"] + p["inflora_past_B"]) // 2
         lines.append(f"| {T} | {halved} | {halved / lora:.2f} | {cost['max_relative_delta_w_error']:.2e} | "
                      f"{cost['logits_error_relative_to_adapter_change']:.2e} | {cost['max_abs_logit_error']:.2e} | "
                      f"{cost['argmax_agreement']:.3f} |")
-    lines += ["", "16-bit memory, re-orthonormalised on load (per layer max; leakage = interference_report of the next "
-              "task's design on task 1's inputs):", "",
-              "| T | memory | max orthonormality error | max ||Q_loaded - Q_exact||_2 | smallest bound | within bound | "
-              "max leakage (exact memory) | max leakage (loaded) | max increase |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "16-bit memory, re-orthonormalised on load (per layer max; leakage = interference_report of the "
+              "next task's design on task 1's inputs; gap = spectral norm of Q_loaded - Q_exact):", "",
+              "| T | memory | max orthonormality error | max gap | smallest bound | within bound "
+              "| max leakage (exact memory) | max leakage (loaded) | max increase |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for T, rows in m["leakage"].items():
         for layout, x in rows.items():
             lines.append(f"| {T} | {layout.split('+ ')[1]} | {x['max_orthonormality']:.1e} | "
@@ -391,8 +395,9 @@ def markdown(result: dict) -> str:
                      f"{x['stored_columns']} |")
     mib = 2 ** 20
     lines += ["", "Llama-7B-shaped stack (d = 4096, 32 blocks, r = 8; analytic, headers left out), MiB:", "",
-              "| targets | layers / groups | T | memory columns stored | memory dtype | LoRA | InfLoRA shared | past_A "
-              "| past_B | memory | / LoRA | per-layer copies / LoRA |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| targets | layers / groups | T | memory columns stored | memory dtype | LoRA | InfLoRA shared "
+              "| past_A | past_B | memory | / LoRA | per-layer copies / LoRA |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["llama_7b"]:
         s = x["shared"]
         lines.append(f"| {x['targets']} | {x['layers']} / {x['groups']} | {x['T']} | {x['stored_columns']} | "

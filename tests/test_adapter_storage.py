@@ -21,6 +21,7 @@ from peft_inflora import InfLoRAConfig
 from peft_inflora.model import InfLoRAModel
 from peft_inflora.storage import SHARED_STATE_NAMES, subspace_error_bound
 
+
 QKV = ["query", "key", "value"]
 BLOCKS = ("bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self")
 WEIGHTS = "adapter_model.safetensors"

@@ -41,6 +41,7 @@ from typing import Optional
 
 import torch
 
+
 #: per-layer tensors that the layers of one input group share
 SHARED_STATE_NAMES = ("inflora_B", "inflora_past_B", "inflora_memory")
 SOURCE_SUFFIX = "_source"
@@ -173,8 +174,8 @@ def subspace_error_bound(d_in: int, k: int, dtype: torch.dtype) -> float:
     """Upper bound on ``sin(theta) = ||Q_loaded - Q_exact||_2`` for a ``d_in x k`` orthonormal basis stored in
     ``dtype`` and re-orthonormalised: ``e / (1 - e)`` with ``e = u sqrt(k) + s sqrt(d_in k)`` (``u`` the unit
     roundoff, ``s`` the largest subnormal rounding error), a bound on ``||E||_F >= ||E||_2`` since every entry
-    moves by at most ``u |m| + s`` and ``||M||_F = sqrt(k)``; plus ``2^-24 sqrt(k)`` for rounding the re-orthonormalised
-    basis to float32. ``inf`` when ``e >= 1``."""
+    moves by at most ``u |m| + s`` and ``||M||_F = sqrt(k)``; plus ``2^-24 sqrt(k)`` for rounding the
+    re-orthonormalised basis to float32. ``inf`` when ``e >= 1``."""
     e = UNIT_ROUNDOFF[dtype] * math.sqrt(k) + SUBNORMAL_ERROR[dtype] * math.sqrt(d_in * k)
     return e / (1.0 - e) + UNIT_ROUNDOFF[torch.float32] * math.sqrt(k) if e < 1.0 else math.inf
 
