@@ -105,6 +105,18 @@ def test_shared_file_loads_bit_identical_outputs_state_and_next_design(tmp_path)
         assert torch.equal(layers[name].inflora_memory["default"], layer.inflora_memory["default"])
 
 
+def test_low_cpu_mem_usage_load_gives_every_layer_its_own_tensor(tmp_path):
+    model = trained(in_progress=False)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path, low_cpu_mem_usage=True).eval()
+    probe = batches(55)
+    assert torch.equal(logits(loaded, probe), logits(model, probe))
+    layers = loaded.base_model.inflora_layers()
+    for state in ("inflora_past_B", "inflora_memory"):
+        pointers = [getattr(layers[f"{BLOCKS[0]}.{n}"], state)["default"].data_ptr() for n in QKV]
+        assert len(set(pointers)) == 3, state  # not tied: loading another file into one layer cannot reach the others
+
+
 def test_load_adapter_reads_the_shared_file(tmp_path):
     model = trained(in_progress=False)
     model.save_pretrained(tmp_path)

@@ -167,6 +167,12 @@ def expand_shared_state(state_dict: Mapping[str, torch.Tensor], where: str = "Th
             if id(tensor) not in done:
                 done[id(tensor)] = reorthonormalised_memory(tensor)
             out[key] = done[id(tensor)]
+    # one tensor object per layer: a load with assign=True (low_cpu_mem_usage) must not tie the layers' buffers
+    seen: set[int] = set()
+    for key, tensor in out.items():
+        if id(tensor) in seen:
+            out[key] = tensor.clone()
+        seen.add(id(tensor))
     return out
 
 
