@@ -281,6 +281,7 @@ class HubMixin:
         ``continual/`` go to the Hub as ``hub_strategy`` says, after each task (see :meth:`_push_after_task`)."""
         from huggingface_hub import HfApi
 
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
         self._remember_card_kwargs(kwargs)
         token = token if token is not None else self.args.hub_token
@@ -322,6 +323,7 @@ class HubMixin:
             return
         from huggingface_hub import HfApi
 
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
         checkpoint = checkpoint_dir(self.args.output_dir, task_number)
         result = ContinualResult.from_json(str(checkpoint / RESULT_FILE))
         api = HfApi(token=self.args.hub_token)
