@@ -105,7 +105,7 @@ def test_card_arguments_reach_the_metadata_and_are_kept_for_later_cards(card_run
     card, _ = assert_full_card(folder, trainer.continual_result, license="apache-2.0", language="en",
                                base_model="sentence-transformers/all-MiniLM-L6-v2")
     assert "news" in card.data.tags
-    trainer.create_model_card(dataset="bbc_news")  # output_dir's card: the earlier arguments too
+    trainer.create_model_card(dataset_name="bbc_news")  # TRL's name; output_dir's card has the earlier ones too
     card, _ = assert_full_card(out / "run", trainer.continual_result, license="apache-2.0", language="en",
                                base_model="sentence-transformers/all-MiniLM-L6-v2")
     assert card.data.datasets == ["bbc_news"]

@@ -172,6 +172,10 @@ class HubMixin:
         return self.model_card_kwargs
 
     def _remember_card_kwargs(self, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        if kwargs.get("dataset_name") is not None and kwargs.get("dataset") is None:  # TRL's name for it
+            kwargs["dataset"] = kwargs.pop("dataset_name")
+        kwargs.pop("dataset_name", None)
         unknown = sorted(set(kwargs) - set(CARD_ARGUMENTS))
         if unknown:
             raise TypeError(f"Unknown model card argument(s) {unknown}: create_model_card takes "
@@ -215,14 +219,16 @@ class HubMixin:
                           finetuned_from: Optional[str] = None, tasks: Union[None, str, list[str]] = None,
                           dataset_tags: Union[None, str, list[str]] = None,
                           dataset: Union[None, str, list[str]] = None,
-                          dataset_args: Union[None, str, list[str]] = None) -> None:
+                          dataset_args: Union[None, str, list[str]] = None,
+                          dataset_name: Optional[str] = None) -> None:
         """README.md in ``output_dir`` for the Hub: metadata (``library_name: peft``, ``base_model``, tags, license,
         language, datasets, model-index), the task sequence with its sizes, the accuracy matrix with A_T, A_avg,
         BWT and forgetting, the InfLoRA settings, the capacity left per layer, and how to load and continue. The
-        arguments are those of ``transformers.Trainer.create_model_card``; they are kept for every later card."""
+        arguments are those of ``transformers.Trainer.create_model_card`` (and TRL's ``dataset_name``, taken as
+        ``dataset``); they are kept for every later card."""
         self._remember_card_kwargs(dict(language=language, license=license, tags=tags, finetuned_from=finetuned_from,
                                         tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
-                                        dataset_args=dataset_args))
+                                        dataset_args=dataset_args, dataset_name=dataset_name))
         if not self.is_world_process_zero():
             return
         Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
