@@ -14,6 +14,7 @@ import importlib
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter_weights
 from .errors import (
     AdapterFileError,
+    DistributedStepError,
     NoTaskInProgressError,
     QuantizedMergeWarning,
     ShardedAdapterError,
@@ -68,6 +69,7 @@ __all__ = [
     "ContinualResult",
     "ContinualTask",
     "ContinualTrainer",
+    "DistributedStepError",
     "ExportedLayer",
     "HubPushError",
     "tokenize_instruction_dataset",
