@@ -242,5 +242,5 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, rank: Opti
         state = full_state_dict(model)
     if rank is None:
         rank = torch.distributed.get_rank() if is_distributed() else 0
-    with agree(f"save_adapter (process 0 writing {save_directory})"):
+    with agree("save_adapter (process 0 writing the files)"):
         model.save_pretrained(str(save_directory), state_dict=state, is_main_process=rank == 0, **save_kwargs)
