@@ -30,6 +30,7 @@ from peft_inflora import InfLoRAConfig, InfLoRAModel
 from peft_inflora.distributed import save_adapter
 from peft_inflora.layer import InfLoRALayer
 
+
 D, TOKENS = 8, 6
 GLOO_TIMEOUT_S = 20
 

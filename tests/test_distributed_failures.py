@@ -24,6 +24,7 @@ from failure_worker import GLOO_TIMEOUT_S
 from peft_inflora import DistributedStepError
 from peft_inflora.distributed import agree, check_agreement
 
+
 HERE = Path(__file__).parent
 
 # case -> (the failing rank, what it raises, words in its error, the step the other process's error names)

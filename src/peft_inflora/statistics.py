@@ -39,6 +39,7 @@ from .distributed import agree, check_adapter_not_sharded, check_agreement, resh
 from .errors import StatisticsError
 from .subspace import CovarianceAccumulator, SketchAccumulator, uses_sketch
 
+
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 AUTO_TOKENS_PER_FEATURE = 16
 """``max_tokens="auto"``: a pass reads batches until every input group has seen 16 tokens per input feature (6144
