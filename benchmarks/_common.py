@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import importlib.util
 import json
 import os
 import platform
@@ -24,6 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+EXAMPLES_DIR = ROOT / "examples"
+if str(EXAMPLES_DIR) not in sys.path:  # the demo data (tasks.py) and the examples import as ordinary modules
+    sys.path.insert(0, str(EXAMPLES_DIR))
 
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_name, "1")
@@ -173,32 +175,19 @@ def random_batch(batch: int, length: int, num_labels: int = 4, seed: int = 0, la
 
 
 # ---------------------------------------------------------------------------------------------- demo data
-def load_demo_module():
-    """examples/continual_text_classification.py as a module (its build_tasks / tokenized / DemoArguments)."""
-    name = "continual_text_classification"
-    if name in sys.modules:
-        return sys.modules[name]
-    examples = ROOT / "examples"
-    if str(examples) not in sys.path:
-        sys.path.insert(0, str(examples))
-    spec = importlib.util.spec_from_file_location(name, examples / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+DEMO_TASKS = "news_a,news_b,subjectivity,party"
 
 
 def demo_tasks(quick: bool):
-    """The demo's four tasks (news_a, news_b, sentiment, party), tokenized as the demo does (96 tokens, 96
-    training texts per class); quick: 8 texts per class, 32 tokens."""
+    """``(tokenizer, tasks)``: the demo's four tasks (news_a, news_b, subjectivity, party) from examples/tasks.py,
+    tokenized as the demo does (96 tokens, 96 training / 48 test texts per class); quick: 8 texts per class, 32
+    tokens."""
+    from tasks import build_text_tasks, tokenize_text_tasks
     from transformers import AutoTokenizer
 
-    demo = load_demo_module()
-    args = demo.DemoArguments()
-    if quick:
-        args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
+    per_class, test_per_class, length = (8, 8, 32) if quick else (96, 48, 96)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    return demo, args, tokenizer, demo.tokenized(demo.build_tasks(args), tokenizer, args.max_length)
+    return tokenizer, tokenize_text_tasks(build_text_tasks(DEMO_TASKS, per_class, test_per_class), tokenizer, length)
 
 
 def task_loader(dataset, tokenizer, batch_size: int = 16, seed: int = 0, shuffle: bool = True):

@@ -27,7 +27,6 @@ learned) and, per task, the smallest free dimension over the adapted layers and 
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 import time
@@ -45,14 +44,11 @@ TARGETS = ["k_proj", "v_proj", "fc1"]
 
 
 def vision_example():
-    """examples/continual_vision_vit.py as a module (digits split, collator, tiny ViT pretraining)."""
-    name = "continual_vision_vit"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, C.ROOT / "examples" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """examples/continual_vision_vit.py (digits split, collator, tiny ViT pretraining), imported as a module
+    (_common puts examples/ on sys.path)."""
+    import continual_vision_vit
+
+    return continual_vision_vit
 
 
 def permuted_tasks(n_tasks: int, seed: int, limit=None):
@@ -80,9 +76,7 @@ def permuted_tasks(n_tasks: int, seed: int, limit=None):
 
 def run(method: str, args, source: str, tasks, workdir: str):
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainingArguments
-
-    from peft_inflora import ContinualTrainer, InfLoRAConfig
+    from peft_inflora import ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig
 
     V = vision_example()
     torch.manual_seed(args.seed)
@@ -104,13 +98,13 @@ def run(method: str, args, source: str, tasks, workdir: str):
     model = get_peft_model(model, config)
     if method == "heads only":  # the frozen backbone: only the classifier trains
         C.freeze_lora(model)
-    training = TrainingArguments(
-        output_dir=workdir, num_train_epochs=args.epochs, max_steps=3 if args.quick else -1,
+    training = ContinualTrainingArguments(
+        setting="task_incremental", output_dir=workdir, num_train_epochs=args.epochs,
+        max_steps=3 if args.quick else -1,
         per_device_train_batch_size=32, per_device_eval_batch_size=256, learning_rate=args.lr,
         lr_scheduler_type="constant", weight_decay=0.0, save_strategy="no", report_to="none",
         logging_strategy="no", remove_unused_columns=False, seed=args.seed, disable_tqdm=True)
-    trainer = ContinualTrainer(model=model, args=training, task_type="task_incremental",
-                               data_collator=V.DigitsCollator(), callbacks=callbacks)
+    trainer = ContinualTrainer(model=model, args=training, data_collator=V.DigitsCollator(), callbacks=callbacks)
     t0 = time.perf_counter()
     ranks = []
     if method.startswith("InfLoRA"):  # record the rank each task got (the smallest over the adapted layers)
@@ -182,9 +176,9 @@ def main(argv=None) -> dict:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        pre = V.ExampleArguments(output_dir=tmp, fast=args.quick, seed=args.seed)
+        pre = V.ExampleArguments(fast=args.quick)
         train, test = V.digits_split(args.seed)
-        source = V.pretrain_tiny_vit(pre, train, test)
+        source = V.pretrain_tiny_vit(pre, train, test, tmp, args.seed)
         tasks = permuted_tasks(args.tasks, args.seed, limit=32 if args.quick else None)
         for method in methods:
             row = run(method, args, source, tasks, str(Path(tmp) / method.replace(" ", "_")))

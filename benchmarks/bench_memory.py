@@ -102,7 +102,7 @@ def child(phase: str, quick: bool) -> dict:
                 C.train_step(model, opt, batch)
         info["peak_delta_bytes"] = peak.delta
         return info
-    _, _, tokenizer, tasks = C.demo_tasks(quick)
+    tokenizer, tasks = C.demo_tasks(quick)
     task = tasks[0]
     loader = list(C.task_loader(task.train_dataset, tokenizer, seed=0))
     loader = [{k: v for k, v in b.items() if k != "labels"} for b in loader]

@@ -14,7 +14,7 @@ peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old
 * heads only (backbone frozen: only the classifier rows of each task train);
 * joint multi-task LoRA (all tasks' data at once: an upper bound; only its final accuracy is meaningful).
 
-Reports mean ± std over seeds of A_T, A_avg, BWT and forgetting (peft_inflora.metrics.compare_table).
+Reports mean ± std over seeds of A_T, A_avg, BWT and forgetting (peft_inflora.compare_table).
 
     python benchmarks/bench_quality.py                 # 3 seeds, about 1-2 hours on one core
     python benchmarks/bench_quality.py --quick         # smoke run: tiny random BERT, tiny data, 1 seed
@@ -101,12 +101,13 @@ class OSFContinual(_osf_callback_base()):
 
 
 def training_args(out: str, quick: bool, seed: int):
-    from transformers import TrainingArguments
+    from peft_inflora import ContinualTrainingArguments
 
-    return TrainingArguments(output_dir=out, learning_rate=2e-3, num_train_epochs=1 if quick else 3,
-                             per_device_train_batch_size=16, per_device_eval_batch_size=64, report_to="none",
-                             save_strategy="no", logging_strategy="no", seed=seed, weight_decay=0.0,
-                             disable_tqdm=True, use_cpu=True)
+    return ContinualTrainingArguments(output_dir=out, setting="class_incremental", learning_rate=2e-3,
+                                      num_train_epochs=1 if quick else 3, per_device_train_batch_size=16,
+                                      per_device_eval_batch_size=64, report_to="none", save_strategy="no",
+                                      logging_strategy="no", seed=seed, weight_decay=0.0, disable_tqdm=True,
+                                      use_cpu=True)
 
 
 def joint_tasks(tasks):
@@ -144,7 +145,7 @@ def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: 
     torch.manual_seed(seed)
     num_labels = sum(len(t.label_names) for t in tasks)
     model, callbacks = make_model(method, quick, num_labels, len(tasks), r)
-    trainer = ContinualTrainer(model=model, args=training_args(workdir, quick, seed), task_type="class_incremental",
+    trainer = ContinualTrainer(model=model, args=training_args(workdir, quick, seed),
                                processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                                callbacks=callbacks)
     t0 = time.perf_counter()
@@ -190,7 +191,7 @@ def merge(args) -> dict:
     (method, seed) once. A (method, seed) found again in a later folder (a rerun, e.g. after a default changed)
     replaces the earlier run; ``replaced`` in the result lists them."""
     from peft_inflora import ContinualResult
-    from peft_inflora.metrics import compare_table
+    from peft_inflora import compare_table
 
     by_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> run, in the order first seen
     replaced: list[str] = []
@@ -217,7 +218,7 @@ def merge(args) -> dict:
 
 
 def main(argv=None) -> dict:
-    from peft_inflora.metrics import compare_table
+    from peft_inflora import compare_table
 
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -235,7 +236,7 @@ def main(argv=None) -> dict:
     if "OSF" in methods and not has_osf():
         methods.remove("OSF")
         print("this PEFT has no OSFConfig: OSF skipped")
-    _, _, tokenizer, tasks = C.demo_tasks(args.quick)
+    tokenizer, tasks = C.demo_tasks(args.quick)
     runs: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in methods:

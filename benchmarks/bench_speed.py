@@ -338,7 +338,7 @@ def main(argv=None) -> dict:
         previous = json.loads(saved.read_text())
     result = {"sections_from_previous_run": sorted(skip)}
     result["step_time"] = bench_step_time(args) if "step" not in skip else previous.get("step_time", {"rows": {}})
-    _, _, tokenizer, tasks = C.demo_tasks(args.quick)
+    tokenizer, tasks = C.demo_tasks(args.quick)
     result["statistics_ratio"] = bench_statistics_ratio(args, tasks, tokenizer) if "ratio" not in skip \
         else previous.get("statistics_ratio", {})
     result["design_cosines"] = bench_design_cosines(args, tasks, tokenizer) if "cosines" not in skip \

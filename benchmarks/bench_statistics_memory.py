@@ -267,7 +267,7 @@ def minilm_tokens(model, loader) -> list[torch.Tensor]:
 
 
 def minilm_section(args) -> list[dict]:
-    _, _, tokenizer, tasks = C.demo_tasks(args.quick)
+    tokenizer, tasks = C.demo_tasks(args.quick)
     model = C.load_classifier(args.quick).eval()
     per_task = [minilm_tokens(model, C.task_loader(task.train_dataset, tokenizer, seed=0)) for task in tasks]
     d = per_task[0][0].shape[1]

@@ -20,7 +20,8 @@ it - the offline default - the uploader writes exactly the files ``push_to_hub``
     python examples/continual_hub_handoff.py --hub_model_id you/inflora-news   # with a network and a token
     python examples/continual_hub_handoff.py --fast                            # a smoke run
 
-Any ``TrainingArguments`` field works too (``--learning_rate``, ``--num_train_epochs`` ...).
+Every ``ContinualTrainingArguments`` field works too (``--learning_rate``, ``--num_train_epochs``,
+``--push_task_revisions`` ...).
 """
 
 from __future__ import annotations
@@ -32,24 +33,16 @@ from typing import Optional
 
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    TrainingArguments,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+import peft_inflora  # noqa: F401  (registers InfLoRA with PEFT: needed before PeftModel.from_pretrained)
+from peft_inflora import ContinualResult, ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from continual_text_classification import (  # noqa: E402
-    DemoArguments,
-    build_tasks,
-    packaged_minilm,
-    parse_arguments,
-    tokenized,
-)
-
-import peft_inflora  # noqa: E402,F401  (registers InfLoRA with PEFT: needed before PeftModel.from_pretrained)
-from peft_inflora import ContinualResult, ContinualTrainer, InfLoRAConfig  # noqa: E402
+from cli import with_output_dir  # noqa: E402
+from continual_text_classification import TRAINING_DEFAULTS, load_tasks, parse  # noqa: E402
+from tasks import packaged_minilm  # noqa: E402
 
 
 @dataclass
@@ -65,24 +58,17 @@ class HandoffArguments:
     fast: bool = field(default=False, metadata={"help": "A smoke run: tiny data, one epoch."})
 
 
-def load_tasks(args: HandoffArguments, tokenizer, names: str) -> list:
-    spec = DemoArguments(tasks=names, max_train_per_class=args.max_train_per_class,
-                         max_test_per_class=args.max_test_per_class, max_length=args.max_length)
-    return tokenized(build_tasks(spec), tokenizer, args.max_length)
-
-
 def fresh_base(model_path: str, num_labels: int):
     return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
 
 
-def upload(args: HandoffArguments, training: TrainingArguments, model_path: str, tokenizer, tasks: list):
+def upload(args: HandoffArguments, training: ContinualTrainingArguments, model_path: str, tokenizer, tasks: list):
     """The uploader: learn ``tasks``, push (or save the same files locally); returns (repo id or folder, model)."""
-    num_labels = sum(len(t.label_names) for t in tasks)
-    model = get_peft_model(fresh_base(model_path, num_labels),
+    model = get_peft_model(fresh_base(model_path, len(tasks[0].label_names)),  # grown task by task
                            InfLoRAConfig(r=args.r, target_modules=["query", "value"], modules_to_save=["classifier"]))
     out = Path(training.output_dir) / "uploader"
     trainer = ContinualTrainer(
-        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(out)}),
+        model=model, args=with_output_dir(training, out),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train_continual(tasks)
     print(f"\nUploader learned {[t.name for t in tasks]}:\n{result.summary_table()}")
@@ -96,8 +82,8 @@ def upload(args: HandoffArguments, training: TrainingArguments, model_path: str,
     return repo, model
 
 
-def continue_sequence(args: HandoffArguments, training: TrainingArguments, model_path: str, tokenizer, repo: str,
-                      first: list, new: list):
+def continue_sequence(args: HandoffArguments, training: ContinualTrainingArguments, model_path: str, tokenizer,
+                      repo: str, first: list, new: list):
     """The continuer: a fresh base model, the downloaded adapter and result, then the next tasks."""
     previous = ContinualResult.from_pretrained(repo)
     num_labels = sum(len(t.label_names) for t in first)
@@ -106,7 +92,7 @@ def continue_sequence(args: HandoffArguments, training: TrainingArguments, model
           f"({', '.join(previous.task_names[: previous.num_learned])})")
     out = Path(training.output_dir) / "continuer"
     trainer = ContinualTrainer(
-        model=model, args=TrainingArguments(**{**training.to_dict(), "output_dir": str(out)}),
+        model=model, args=with_output_dir(training, out),
         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
     result = trainer.train_continual(first + new, previous_result=previous)
     print(f"\nThe whole sequence, continued after the download:\n{result.summary_table()}")
@@ -121,7 +107,7 @@ def max_output_difference(a, b, tokenizer, text: str) -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> ContinualResult:
-    args, training = parse_arguments(HandoffArguments, "runs/hub_handoff", argv)
+    args, training = parse(HandoffArguments, {**TRAINING_DEFAULTS, "output_dir": "runs/hub_handoff"}, argv)
     model_path = args.model or packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     first, new = load_tasks(args, tokenizer, args.first_tasks), load_tasks(args, tokenizer, args.next_tasks)

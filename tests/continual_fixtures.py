@@ -9,9 +9,10 @@ from __future__ import annotations
 import datasets
 import torch
 from peft import get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import BertConfig, BertForSequenceClassification
 
-from peft_inflora import ContinualTask, InfLoRAConfig
+from peft_inflora import ContinualTask, ContinualTrainingArguments, InfLoRAConfig
+
 
 VOCAB, SEQ = 96, 12
 
@@ -49,9 +50,9 @@ def tasks(classes=(2, 3, 2), n_train: int = 48, n_eval: int = 24) -> list[Contin
             for k, c in enumerate(classes)]
 
 
-def training_args(output_dir, **overrides) -> TrainingArguments:
+def training_args(output_dir, **overrides) -> ContinualTrainingArguments:
     kwargs = dict(output_dir=str(output_dir), num_train_epochs=2, per_device_train_batch_size=8,
                   per_device_eval_batch_size=16, learning_rate=5e-3, report_to="none", save_strategy="no",
                   logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
     kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return ContinualTrainingArguments(**kwargs)

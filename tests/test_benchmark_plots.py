@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peft_inflora.metrics import final_accuracy, forgetting
+from peft_inflora.continual.metrics import final_accuracy, forgetting
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

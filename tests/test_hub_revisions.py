@@ -1,4 +1,4 @@
-"""Per-task Hub revisions: ContinualTrainer(push_task_revisions=True) against a Hub API mocked by a folder.
+"""Per-task Hub revisions: ContinualTrainingArguments(push_task_revisions=True) against a Hub API mocked by a folder.
 
 ``FakeHub`` stands in for the Hugging Face Hub at the level of the functions that the real code calls:
 ``HfApi.create_repo / create_branch / upload_folder / list_repo_refs`` (huggingface_hub's class, patched on the class
@@ -23,15 +23,16 @@ import peft.utils.other
 import peft.utils.save_and_load
 import pytest
 import torch
-from continual_fixtures import bert, inflora_bert, tasks, training_args
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import CommitInfo, GitRefInfo, GitRefs, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel
 from transformers import TrainingArguments
 
+from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
-from peft_inflora.hub import HubPushError, task_revision_name, task_revision_names, task_revisions
+from peft_inflora.continual.hub import HubPushError, task_revision_name, task_revision_names, task_revisions
+
 
 HUB_FILES = ["README.md", "accuracy_curve.png", "accuracy_matrix.png", "adapter_config.json",
              "adapter_model.safetensors", "continual_result.json"]
@@ -82,7 +83,7 @@ class FakeHub:
         shutil.copytree(source, target)
 
     def upload_folder(self, api, *, repo_id, folder_path, revision=None, allow_patterns=None, ignore_patterns=None,
-                      commit_message=None, run_as_future=False, **kwargs):
+                      commit_message=None, run_as_future=False, path_in_repo=None, **kwargs):
         assert not run_as_future
         target = self.folder(repo_id, revision)
         if not target.is_dir():  # the Hub does not create branches on upload
@@ -93,10 +94,11 @@ class FakeHub:
         source = Path(folder_path)
         paths = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
         selected = list(filter_repo_objects(paths, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
         for path in selected:
-            (target / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source / path, target / path)
-        self.calls.append(("upload", repo_id, revision or "main", selected))
+            (target / prefix / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / path, target / prefix / path)
+        self.calls.append(("upload", repo_id, revision or "main", [prefix + p for p in selected]))
         oid = hashlib.sha1(repr(len(self.calls)).encode()).hexdigest()
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}", commit_message=commit_message,
                           commit_description="", oid=oid)
@@ -173,6 +175,8 @@ class RecordAfterTask(ContinualCallback):
 
 
 def hub_args(out, repo_id, **overrides) -> TrainingArguments:
+    """Only the per-task branches and the final main push: hub_strategy="end" (test_hub_strategy covers the others)."""
+    overrides.setdefault("hub_strategy", "end")
     return training_args(out, num_train_epochs=1, push_to_hub=True, hub_model_id=repo_id, **overrides)
 
 
@@ -214,8 +218,8 @@ def test_task_revisions_maps_task_numbers_to_branches_and_refuses_ambiguity(hub)
 def pushed_run(hub, tmp_path_factory):
     seq = named_tasks()
     recorder = RecordAfterTask(probe(seq))
-    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path_factory.mktemp("run"), "me/seq"),
-                               callbacks=[recorder], push_task_revisions=True)
+    trainer = ContinualTrainer(model=inflora_bert(), callbacks=[recorder],
+                               args=hub_args(tmp_path_factory.mktemp("run"), "me/seq", push_task_revisions=True))
     result = trainer.train_continual(seq)
     return trainer, result, recorder, seq
 
@@ -237,7 +241,7 @@ def test_each_branch_loads_the_adapter_and_result_right_after_its_task(hub, push
     trainer, _, recorder, _ = pushed_run
     branch = BRANCHES[k - 1]
     assert hub.files("me/seq", branch) == HUB_FILES
-    model = PeftModel.from_pretrained(bert(num_labels=7), "me/seq", revision=branch)
+    model = PeftModel.from_pretrained(bert(num_labels=[2, 5, 7][k - 1]), "me/seq", revision=branch)  # head grown
     assert model.tasks_done() == k
     assert torch.equal(logits(model, recorder.inputs), recorder.logits[k])  # bit for bit
     for file in ("adapter_config.json", "adapter_model.safetensors"):  # config and weights read from the branch
@@ -264,9 +268,9 @@ def test_main_holds_the_final_adapter_and_result(hub, pushed_run):
 
 def test_continuing_from_a_mid_sequence_branch_ends_like_the_uninterrupted_run(hub, pushed_run, tmp_path):
     _, result, recorder, seq = pushed_run
-    model = PeftModel.from_pretrained(bert(num_labels=7), "me/seq", revision="task-1-news_a", is_trainable=True)
+    model = PeftModel.from_pretrained(bert(num_labels=2), "me/seq", revision="task-1-news_a", is_trainable=True)
     previous = ContinualResult.from_pretrained("me/seq", revision="task-1-news_a")
-    trainer = ContinualTrainer(model=model, args=hub_args(tmp_path, "you/continued"), push_task_revisions=True)
+    trainer = ContinualTrainer(model=model, args=hub_args(tmp_path, "you/continued", push_task_revisions=True))
     continued = trainer.train_continual(named_tasks(), previous_result=previous)
     assert continued.accuracy_matrix == result.accuracy_matrix  # same seeds and data order: the same run
     assert torch.equal(logits(model, recorder.inputs), recorder.logits[3])
@@ -278,9 +282,9 @@ def test_continuing_from_a_mid_sequence_branch_ends_like_the_uninterrupted_run(h
 # ---------------------------------------------------------------------------------------------- failures
 def test_a_failed_upload_raises_after_the_checkpoint_and_resume_pushes_it_first(hub, tmp_path):
     seq = named_tasks((2, 2), ["t0", "t1"])
-    args = hub_args(tmp_path, "me/flaky")
+    args = hub_args(tmp_path, "me/flaky", push_task_revisions=True)
     hub.fail_uploads.add(("me/flaky", "task-2-t1"))
-    trainer = ContinualTrainer(model=inflora_bert(), args=args, push_task_revisions=True)
+    trainer = ContinualTrainer(model=inflora_bert(), args=args)
     with pytest.raises(HubPushError, match=r"task 2 \('t1'\) to branch 'task-2-t1'.*resume_from_checkpoint=True"):
         trainer.train_continual(seq)
     checkpoint = tmp_path / "continual" / "after-task-02"
@@ -290,7 +294,7 @@ def test_a_failed_upload_raises_after_the_checkpoint_and_resume_pushes_it_first(
     assert "adapter_model.safetensors" not in hub.files("me/flaky", "task-2-t1")
     assert [u[2] for u in hub.calls_for("me/flaky", "upload")] == ["task-1-t0"]  # main not pushed yet
 
-    restarted = ContinualTrainer(model=inflora_bert(), args=args, push_task_revisions=True)
+    restarted = ContinualTrainer(model=inflora_bert(), args=args)
     result = restarted.train_continual(seq, resume_from_checkpoint=True)
     assert result.num_learned == 2
     assert [u[2] for u in hub.calls_for("me/flaky", "upload")] == ["task-1-t0", "task-2-t1", "main"]
@@ -304,7 +308,7 @@ def test_a_failed_upload_raises_after_the_checkpoint_and_resume_pushes_it_first(
 def test_only_the_main_process_uploads(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(ContinualTrainer, "is_world_process_zero", lambda self: False)
     monkeypatch.setattr(TrainingArguments, "should_save", property(lambda self: False))  # as on rank 1
-    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path, "me/rank1"), push_task_revisions=True)
+    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path, "me/rank1", push_task_revisions=True))
     result = trainer.train_continual(named_tasks((2,), ["t0"]))
     assert result.num_learned == 1 and trainer.peft_model.tasks_done() == 1
     assert [c for c in hub.calls if c[1] == "me/rank1"] == []
@@ -312,16 +316,21 @@ def test_only_the_main_process_uploads(hub, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("overrides, value, match", [
-    ({}, True, r"set TrainingArguments\(push_to_hub=True, hub_model_id='<user or org>/<repo>'\)"),
-    ({"hub_model_id": "me/x"}, True, r"set TrainingArguments\(push_to_hub=True\)"),
-    ({"push_to_hub": True}, True, r"set TrainingArguments\(hub_model_id="),
+    ({}, True, r"set push_to_hub=True, hub_model_id='<user or org>/<repo>' \(--push_to_hub --hub_model_id\)"),
+    ({"hub_model_id": "me/x"}, True, r"set push_to_hub=True \(--push_to_hub\)"),
+    ({"push_to_hub": True}, True, r"set hub_model_id="),
+    ({"push_to_hub": True, "hub_model_id": "me/x", "push_task_revisions": False, "task_revision_base": "dev"}, None,
+     "task_revision_base .* needs push_task_revisions=True"),
     ({"push_to_hub": True, "hub_model_id": "me/x"}, "tag", "must be True or False"),
 ])
-def test_enabling_revisions_without_a_hub_repository_fails_at_construction(hub, tmp_path, overrides, value, match):
+def test_enabling_revisions_without_a_hub_repository_fails_in_the_arguments(hub, tmp_path, overrides, value, match):
     before = len(hub.calls)
+    overrides = dict(overrides)
+    if value is not None:
+        overrides["push_task_revisions"] = value
     with pytest.raises(ValueError, match=match):
-        ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, **overrides), push_task_revisions=value)
-    assert hub.calls[before:] == []  # refused before Trainer.__init__ creates the repository
+        training_args(tmp_path, **overrides)  # refused before any trainer exists, so before any repository
+    assert hub.calls[before:] == []
 
 
 @pytest.mark.parametrize("names, match", [
@@ -329,10 +338,29 @@ def test_enabling_revisions_without_a_hub_repository_fails_at_construction(hub, 
     (["News B", "news-b"], "give the same branch name part 'news-b'"),
 ])
 def test_task_names_without_a_distinct_branch_fail_before_training(hub, tmp_path, names, match):
-    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path, "me/badnames"),
-                               push_task_revisions=True)
+    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path, "me/badnames", push_task_revisions=True))
     with pytest.raises(ValueError, match=match):
         trainer.train_continual(named_tasks((2, 2), names))
     assert trainer.peft_model.tasks_done() == 0 and not trainer.peft_model.task_in_progress()
     assert hub.calls_for("me/badnames", "create_branch") == [] and hub.calls_for("me/badnames", "upload") == []
     assert not (tmp_path / "continual").exists()
+
+
+def test_after_a_failed_push_the_next_train_task_pushes_the_missing_branch_first(hub, tmp_path):
+    seq = named_tasks((2, 2), ["t0", "t1"])
+    hub.fail_uploads.add(("me/onebyone", "task-1-t0"))
+    trainer = ContinualTrainer(model=inflora_bert(), args=hub_args(tmp_path, "me/onebyone", push_task_revisions=True))
+    with pytest.raises(HubPushError, match=r"task 1 \('t0'\) to branch 'task-1-t0'"):
+        trainer.train_task(seq[0])
+    assert trainer.peft_model.tasks_done() == 1 and hub.calls_for("me/onebyone", "upload") == []
+    trainer.train_task(seq[1])  # a lone train_task also moves main to the latest task
+    assert [u[2] for u in hub.calls_for("me/onebyone", "upload")] == ["task-1-t0", "task-2-t1", "main"]
+    assert ContinualResult.from_pretrained("me/onebyone", revision="task-1-t0").num_learned == 1
+
+
+def test_task_branches_are_created_from_task_revision_base(hub, tmp_path):
+    args = hub_args(tmp_path, "me/based", push_task_revisions=True, task_revision_base="dev", max_steps=1)
+    trainer = ContinualTrainer(model=inflora_bert(), args=args)
+    hub.folder("me/based", "dev").mkdir(parents=True)
+    trainer.train_continual(named_tasks((2,), ["t0"]))
+    assert hub.calls_for("me/based", "create_branch") == [("create_branch", "me/based", "task-1-t0", "dev")]

@@ -1,4 +1,4 @@
-"""Specification tests for peft_inflora.metrics (continual-learning metrics, result record, tables, plots).
+"""Specification tests for peft_inflora.continual (metrics, the result record, tables, plots).
 
 Expected numbers are worked out by hand in this file (written as explicit arithmetic on the matrix entries, or
 with the ``statistics`` module), never with the module's own code.
@@ -11,7 +11,7 @@ import statistics
 import numpy as np
 import pytest
 
-from peft_inflora.metrics import (
+from peft_inflora.continual import (
     ContinualResult,
     average_incremental_accuracy,
     backward_transfer,

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
+from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
+from peft_inflora.continual.heads import ensure_head_size, find_head
+
 
 HERE = Path(__file__).parent
 
@@ -51,7 +53,7 @@ def test_a_run_gives_the_accuracy_matrix_metrics_times_and_files(finished_run):
 
 def test_the_head_is_grown_to_all_classes_of_the_sequence(finished_run):
     trainer, _, _ = finished_run
-    _, head = trainer._head()
+    _, head = find_head(trainer.peft_model)
     assert head.out_features == 2 + 3 + 2
     assert trainer.peft_model.config.num_labels == 7
 
@@ -80,13 +82,14 @@ def test_old_head_rows_stay_bit_identical_while_later_tasks_train_even_with_weig
 
 def test_task_incremental_evaluation_is_at_least_class_incremental(finished_run):
     trainer, result, _ = finished_run
-    prepared = trainer._prepare_tasks(tasks())
-    trainer.task_type = "task_incremental"
+    assert trainer.evaluate_tasks() == result.accuracy_matrix[2]
+    trainer.args.setting = "task_incremental"
     try:
-        til = [trainer._evaluate_task(t, prepared[j][1], seen=2) for j, t in enumerate(tasks())]
+        til = trainer.evaluate_tasks()
     finally:
-        trainer.task_type = "class_incremental"
+        trainer.args.setting = "class_incremental"
     assert all(t >= c - 1e-9 for t, c in zip(til, result.accuracy_matrix[2]))
+    assert til != result.accuracy_matrix[2]  # choosing among fewer classes changes some answer
 
 
 def test_task_events_reach_callbacks_in_order(tmp_path):
@@ -219,7 +222,7 @@ KILLS = {
     ),
     # while the checkpoint after the second task is being written: its safetensors file half written, not renamed
     "during a save": (
-        "import peft_inflora.trainer as T\n"
+        "import peft_inflora.continual.checkpoint as T\n"
         "real_replace = T.os.replace\n"
         "def replace(src, dst):\n"
         "    if str(dst).endswith('after-task-02'):\n"
@@ -278,8 +281,8 @@ def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_unin
 
 @pytest.mark.parametrize("loss_classes, lo", [("task", 2), ("seen", 0)])
 def test_the_loss_is_cross_entropy_over_the_task_or_all_seen_classes(tmp_path, loss_classes, lo):
-    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path), loss_classes=loss_classes)
-    trainer._prepare_tasks(tasks((2, 3, 2)))
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, loss_classes=loss_classes))
+    ensure_head_size(trainer.peft_model, 7)  # the head of tasks with 2, 3 and 2 classes
     trainer._task_classes = (2, 5)  # training the second task
     torch.manual_seed(0)
     inputs = {"input_ids": torch.randint(5, 90, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
@@ -295,7 +298,7 @@ def test_the_loss_is_cross_entropy_over_the_task_or_all_seen_classes(tmp_path, l
 
 def test_an_unknown_loss_classes_value_is_refused(tmp_path):
     with pytest.raises(ValueError, match="loss_classes must be one of"):
-        ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path), loss_classes="all")
+        training_args(tmp_path, loss_classes="all")
 
 
 @pytest.mark.parametrize("wrapper", ["is_fsdp_enabled", "is_deepspeed_enabled"])

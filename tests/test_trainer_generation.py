@@ -5,12 +5,13 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
-from continual_fixtures import training_args
 from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from continual_fixtures import training_args
 from peft_inflora import ContinualTask, ContinualTrainer, InfLoRAConfig, tokenize_instruction_dataset
+
 
 WORDS = "colour of grass sky animal that barks meows ? green blue dog cat".split()
 
@@ -56,13 +57,12 @@ def test_generation_tasks_are_learned_and_scored_by_exact_match(tokenizer, tmp_p
         raw = instruction_task(name, pairs * 8)
         tasks.append(ContinualTask(name, tokenize_instruction_dataset(raw, tokenizer),
                                    instruction_task(name, pairs)))
-    model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj",
-                                                                                 "down_proj"]))
-    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, num_train_epochs=40, learning_rate=5e-2,
-                                                               per_device_train_batch_size=16),
-                               task_type="generation", processing_class=tokenizer,
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                               generation_max_new_tokens=3)
+    config = InfLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    model = get_peft_model(tiny_llama(tokenizer), config)
+    args = training_args(tmp_path, num_train_epochs=40, learning_rate=5e-2, per_device_train_batch_size=16,
+                         setting="generation", generation_max_new_tokens=3)
+    trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer,
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     result = trainer.train_continual(tasks)
     assert result.accuracy_matrix[0][0] == 1.0  # both answers of task 1 memorised exactly
     assert result.accuracy_matrix[1][1] == 1.0
@@ -78,10 +78,26 @@ def test_a_user_answer_metric_replaces_exact_match(tokenizer, tmp_path):
 
     raw = instruction_task("t", [("colour of grass ?", "green")])
     model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, max_steps=1), task_type="generation",
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path, max_steps=1, setting="generation",
+                                                               generation_max_new_tokens=2),
                                processing_class=tokenizer, answer_metric=first_letter,
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                               generation_max_new_tokens=2)
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     result = trainer.train_continual([ContinualTask("t", tokenize_instruction_dataset(raw, tokenizer), raw)])
     assert result.accuracy_matrix == [[0.25]]
     assert seen and seen[0][1] == ["green"] and len(seen[0][0]) == 1
+
+
+def test_the_eval_columns_are_options_and_a_missing_one_is_refused_before_training(tokenizer, tmp_path):
+    raw = instruction_task("t", [("colour of grass ?", "green")])
+    renamed = raw.rename_columns({"prompt": "question", "answer": "gold"})
+    train = tokenize_instruction_dataset(raw, tokenizer)
+    model = get_peft_model(tiny_llama(tokenizer), InfLoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    args = training_args(tmp_path, max_steps=1, setting="generation", eval_prompt_column="question",
+                         eval_answer_column="gold", generation_max_new_tokens=2)
+    trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer, data_collator=collator)
+    with pytest.raises(ValueError, match=r"no column \['question', 'gold'\].*set eval_prompt_column"):
+        trainer.train_task(ContinualTask("t", train, raw))  # eval data with the default column names
+    assert model.tasks_done() == 0 and not model.task_in_progress() and not (tmp_path / "continual").exists()
+    result = trainer.train_task(ContinualTask("t", train, renamed))
+    assert result.num_learned == 1 and result.accuracy_matrix[0][0] in (0.0, 1.0)

@@ -9,8 +9,6 @@ here too, but are loaded on first use (PEP 562 ``__getattr__``), so ``import pef
 application needs (datasets, evaluate, matplotlib).
 """
 
-import importlib
-
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter_weights
 from .errors import (
     AdapterFileError,
@@ -37,42 +35,45 @@ _install_lora_conversion()  # peft.save_as_lora / convert_to_lora export InfLoRA
 
 __version__ = "0.1.0"
 
-# name -> module of the continual application that defines it, imported on first access
-_APPLICATION_NAMES = {
-    "ContinualCallback": ".trainer",
-    "ContinualResult": ".metrics",
-    "ContinualTask": ".trainer",
-    "ContinualTrainer": ".trainer",
-    "HubPushError": ".hub",
-    "task_revision_name": ".hub",
-    "task_revisions": ".hub",
-    "tokenize_instruction_dataset": ".trainer",
-}
+# The continual application (peft_inflora.continual), imported on first use (PEP 562): `import peft_inflora` needs only
+# torch, transformers, peft and safetensors, and loads no Trainer machinery, matplotlib, datasets or evaluate.
+_CONTINUAL_NAMES = (
+    "ContinualArguments",
+    "ContinualCallback",
+    "ContinualMixin",
+    "ContinualResult",
+    "ContinualSeq2SeqTrainer",
+    "ContinualSeq2SeqTrainingArguments",
+    "ContinualTask",
+    "ContinualTrainer",
+    "ContinualTrainingArguments",
+    "HubPushError",
+    "TaskMetric",
+    "compare_table",
+    "task_revision_name",
+    "task_revisions",
+    "tokenize_instruction_dataset",
+)
 
 
 def __getattr__(name: str):
-    module = _APPLICATION_NAMES.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+    if name in _CONTINUAL_NAMES:
+        from . import continual
+
+        value = getattr(continual, name)
+        globals()[name] = value  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_APPLICATION_NAMES))
+    return sorted(set(globals()) | set(_CONTINUAL_NAMES))
 
 
 __all__ = [
     "AdapterFileError",
-    "ContinualCallback",
-    "ContinualResult",
-    "ContinualTask",
-    "ContinualTrainer",
     "DistributedStepError",
     "ExportedLayer",
-    "HubPushError",
-    "tokenize_instruction_dataset",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",
     "InfLoRALayer",
@@ -91,6 +92,5 @@ __all__ = [
     "TaskLifecycleError",
     "UnknownConfigFieldError",
     "check_adapter_weights",
-    "task_revision_name",
-    "task_revisions",
+    *_CONTINUAL_NAMES,
 ]

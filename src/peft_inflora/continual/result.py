@@ -1,247 +1,42 @@
-"""Continual-learning metrics, a result record, tables and plots.
+"""The record of a continual run: ``ContinualResult`` (accuracy matrix, timings, metadata), its JSON file and
+tables; :func:`compare_table` across methods and seeds.
 
-Notation (``docs/inflora-algorithm.md``, section "Metrics"): tasks are learned in order ``0 .. T-1`` and
-``a[i][j]`` is the accuracy on task ``j`` measured right after training task ``i`` (only ``j <= i`` is defined).
-With ``T`` the number of rows present (the last row is ``a[T-1]``):
-
-* final accuracy            ``A_T   = mean_{j <= T-1} a[T-1][j]``
-* average incremental acc.  ``A_avg = mean_{i} ( mean_{j <= i} a[i][j] )``
-* backward transfer         ``BWT   = mean_{j < T-1} ( a[T-1][j] - a[j][j] )``
-* forgetting                ``F     = mean_{j < T-1} ( max_{j <= i < T-1} a[i][j] - a[T-1][j] )``
-
-For a single row (one task learned) ``BWT`` and ``F`` have no old task to average over and are defined as ``0.0``.
-Every mean over tasks is unweighted: when tasks have test sets of different sizes, ``A_T`` differs from the
-accuracy over the pooled test data of all tasks (the paper's class-incremental ``A_T``); they agree for
-equal-sized test sets.
-
-Accuracies are fractions in ``[0, 1]`` everywhere in this module; the markdown tables show percentages (and
-percentage points for ``BWT`` / forgetting).
-
-An accuracy matrix may be given as
-
-* a lower triangle: row ``i`` holds exactly ``i + 1`` numbers ``a[i][0..i]``; or
-* a rectangle: every row has the same width ``W >= number of rows`` (a square ``T x T`` matrix, or ``k x T`` while
-  only ``k`` of ``T`` tasks are learned) whose entries ``j > i`` are ``None`` or NaN.
-
-A matrix with fewer rows than tasks (a run in progress) is fine: the metrics are then those of the rows present.
-Anything else (empty, ragged, a number above the diagonal, a missing number on or below it, a value outside
-``[0, 1]``) raises :class:`ValueError`.
-
-No torch is needed here; matplotlib is imported only inside the plotting methods (Agg canvas, no pyplot state).
+Notation and the metrics are those of :mod:`.metrics`; plots are drawn by :mod:`.plots` (matplotlib is imported
+only there, when a plot is drawn).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .metrics import (
+    _METRICS,
+    _accuracy,
+    _as_triangle,
+    _cell,
+    _json_default,
+    _markdown,
+    _pct,
+    _seconds,
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+)
+
+
 RESULT_FILE = "continual_result.json"  # the name under which a run's result is saved next to its adapter
 
-
-__all__ = [
-    "ContinualResult",
-    "average_incremental_accuracy",
-    "backward_transfer",
-    "compare_table",
-    "final_accuracy",
-    "forgetting",
-    "incremental_accuracies",
-]
+__all__ = ["RESULT_FILE", "ContinualResult", "compare_table"]
 
 _FORMAT = "peft_inflora.ContinualResult"
 _FORMAT_VERSION = 1
 _DEFAULT_METHOD = "InfLoRA"
-
-
-# ---------------------------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------------------------
-def _is_missing(value: Any) -> bool:
-    if value is None:
-        return True
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isnan(float(value))
-
-
-def _accuracy(value: Any, where: str) -> float:
-    """One accuracy as a float in [0, 1], or a ValueError naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{where}: accuracy must be a real number in [0, 1], got {value!r}")
-    number = float(value)
-    if math.isnan(number):
-        raise ValueError(f"{where}: accuracy is missing (NaN); entries a[i][j] with j <= i must all be given")
-    if not 0.0 <= number <= 1.0:
-        hint = " (accuracies are fractions in [0, 1], not percentages)" if 1.0 < number <= 100.0 else ""
-        raise ValueError(f"{where}: accuracy {number!r} is outside [0, 1]{hint}")
-    return number
-
-
-def _as_triangle(acc: Any) -> list[list[float]]:
-    """Validate an accuracy matrix (triangle or rectangle, see the module docstring) and return its lower triangle.
-
-    Row ``i`` of the result is a new list of exactly ``i + 1`` floats.
-    """
-    if acc is None:
-        raise ValueError("accuracy matrix is empty (None)")
-    try:
-        rows = [list(row) for row in acc]
-    except TypeError as exc:
-        raise ValueError(f"accuracy matrix must be a sequence of rows (sequences of numbers): {exc}") from None
-    if not rows:
-        raise ValueError("accuracy matrix is empty: at least one task must have been evaluated")
-    n_rows = len(rows)
-    widths = [len(row) for row in rows]
-    triangular = all(width == i + 1 for i, width in enumerate(widths))
-    rectangular = len(set(widths)) == 1 and widths[0] >= n_rows
-    if not (triangular or rectangular):
-        raise ValueError(
-            f"accuracy matrix is neither lower-triangular (row i of length i + 1) nor a rectangle of width >= "
-            f"{n_rows} (its number of rows) with None/NaN above the diagonal; row lengths are {widths}"
-        )
-    triangle = []
-    for i, row in enumerate(rows):
-        for j in range(i + 1, len(row)):
-            if not _is_missing(row[j]):
-                raise ValueError(
-                    f"a[{i}][{j}] = {row[j]!r} lies above the diagonal (accuracy on task {j} before it was "
-                    f"learned): entries with j > i must be None or NaN"
-                )
-        triangle.append([_accuracy(row[j], f"a[{i}][{j}]") for j in range(i + 1)])
-    return triangle
-
-
-def _seconds(values: Any, name: str, n_tasks: int) -> list[float]:
-    try:
-        values = list(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of seconds, got {values!r}") from None
-    if len(values) > n_tasks:
-        raise ValueError(f"{name} has {len(values)} entries but there are only {n_tasks} tasks")
-    out = []
-    for k, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-            raise ValueError(f"{name}[{k}] must be a finite number of seconds, got {value!r}")
-        if value < 0:
-            raise ValueError(f"{name}[{k}] must be >= 0, got {value!r}")
-        out.append(float(value))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
-# ---------------------------------------------------------------------------------------------
-def incremental_accuracies(acc: Sequence[Sequence[float]]) -> list[float]:
-    """Mean accuracy over the tasks seen so far, after each task: ``[mean_{j <= i} a[i][j] for each row i]``.
-
-    This is the accuracy curve plotted by :meth:`ContinualResult.plot_accuracy_curve`; its last entry is ``A_T`` and
-    its mean is ``A_avg``.
-    """
-    return [float(np.mean(row)) for row in _as_triangle(acc)]
-
-
-def final_accuracy(acc: Sequence[Sequence[float]]) -> float:
-    """Final accuracy ``A_T = mean_{j <= T-1} a[T-1][j]``: the mean over all learned tasks of the last row.
-
-    ``T`` is the number of rows present. Unweighted over tasks (see the module docstring).
-    """
-    return float(np.mean(_as_triangle(acc)[-1]))
-
-
-def average_incremental_accuracy(acc: Sequence[Sequence[float]]) -> float:
-    """Average incremental accuracy ``A_avg = mean_{i <= T-1} ( mean_{j <= i} a[i][j] )``.
-
-    The mean, over the rows present, of each row's mean over the tasks learned by then.
-    """
-    return float(np.mean([np.mean(row) for row in _as_triangle(acc)]))
-
-
-def backward_transfer(acc: Sequence[Sequence[float]]) -> float:
-    """Backward transfer ``BWT = mean_{j < T-1} ( a[T-1][j] - a[j][j] )``.
-
-    How much the accuracy on each old task changed between just after learning it and the end; negative values
-    mean forgetting. With a single row there is no old task and ``BWT`` is defined as ``0.0``.
-    """
-    rows = _as_triangle(acc)
-    last = rows[-1]
-    if len(rows) == 1:
-        return 0.0
-    return float(np.mean([last[j] - rows[j][j] for j in range(len(rows) - 1)]))
-
-
-def forgetting(acc: Sequence[Sequence[float]]) -> float:
-    """Average forgetting ``F = mean_{j < T-1} ( max_{j <= i < T-1} a[i][j] - a[T-1][j] )``.
-
-    For each old task, the drop from its best accuracy before the last task (``i`` runs over rows ``j .. T-2``, the
-    last row excluded) to its final accuracy. Usually >= 0; negative when old tasks end above every earlier
-    measurement. With a single row there is no old task and ``F`` is defined as ``0.0``.
-    """
-    rows = _as_triangle(acc)
-    last = rows[-1]
-    if len(rows) == 1:
-        return 0.0
-    n_old = len(rows) - 1
-    return float(np.mean([max(rows[i][j] for i in range(j, n_old)) - last[j] for j in range(n_old)]))
-
-
-_METRICS = (
-    ("final_accuracy", "final accuracy A_T", "%", final_accuracy),
-    ("average_incremental_accuracy", "average incremental accuracy A_avg", "%", average_incremental_accuracy),
-    ("backward_transfer", "backward transfer BWT", "pp", backward_transfer),
-    ("forgetting", "forgetting F", "pp", forgetting),
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# formatting helpers
-# ---------------------------------------------------------------------------------------------
-def _pct(value: float, digits: int) -> str:
-    """A fraction as a percentage string, never ``-0.00``."""
-    text = f"{100.0 * value:.{digits}f}"
-    if float(text) == 0.0:
-        text = f"{0.0:.{digits}f}"
-    return text
-
-
-def _cell(text: Any) -> str:
-    """Text safe inside a markdown table cell."""
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Union[str, os.PathLike]) -> str:
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,35 +295,11 @@ class ContinualResult:
         return "\n".join(parts)
 
     def plot_accuracy_matrix(self, path: Union[str, os.PathLike], title: str | None = None) -> str:
-        """Save a heatmap PNG of the accuracy matrix (%), each cell annotated; returns the path.
+        """Save a heatmap PNG of the accuracy matrix (%), each cell annotated; returns the path (see
+        :func:`.plots.plot_accuracy_matrix`)."""
+        from .plots import plot_accuracy_matrix
 
-        Rows are "after task i", columns the tasks; cells above the diagonal are blank.
-        """
-        if not self.accuracy_matrix:
-            raise ValueError("nothing to plot: the accuracy matrix has no row yet")
-        matrix = 100.0 * self.square_matrix()
-        n_rows, n_cols = matrix.shape
-        fig = _new_figure(max(4.0, 1.0 + 0.9 * n_cols), max(3.0, 1.0 + 0.6 * n_rows))
-        ax = fig.add_subplot(1, 1, 1)
-        image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
-        for i in range(n_rows):
-            for j in range(i + 1):
-                value = matrix[i, j]
-                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="black" if value >= 60 else "white")
-        ax.set_xticks(range(n_cols))
-        ax.set_xticklabels(self.task_names, rotation=30, ha="right")
-        ax.set_yticks(range(n_rows))
-        ax.set_yticklabels([f"after {i + 1}: {self.task_names[i]}" for i in range(n_rows)])
-        ax.set_xlabel("evaluated task")
-        ax.set_ylabel("after training task")
-        fig.colorbar(image, ax=ax, label="accuracy (%)")
-        if title is None:
-            title = (
-                f"{self.method}: A_T {100 * self.final_accuracy:.2f}%, A_avg "
-                f"{100 * self.average_incremental_accuracy:.2f}%"
-            )
-        ax.set_title(title)
-        return _save(fig, path)
+        return plot_accuracy_matrix(self, path, title)
 
     def plot_accuracy_curve(
         self,
@@ -536,40 +307,12 @@ class ContinualResult:
         others: Mapping[str, Union["ContinualResult", Sequence["ContinualResult"]]] | None = None,
         title: str | None = None,
     ) -> str:
-        """Save a PNG of the mean accuracy over the tasks seen so far vs the number of tasks learned; returns the path.
+        """Save a PNG of the mean accuracy over the tasks seen so far vs the number of tasks learned, one line per
+        method (``others``: more methods, a list of runs drawn as mean +- std); returns the path (see
+        :func:`.plots.plot_accuracy_curve`)."""
+        from .plots import plot_accuracy_curve
 
-        One line per method: this result (labelled ``extra.get("method", "InfLoRA")``) and each entry of ``others``
-        (labelled by its key). An entry of ``others`` may be a list of runs (seeds) with the same number of rows:
-        its mean is drawn with a shaded +- one (sample) standard deviation band.
-        """
-        curves = [(self.method, [self])]
-        for label, value in (others or {}).items():
-            runs = [value] if isinstance(value, ContinualResult) else list(value)
-            if not runs:
-                raise ValueError(f"others[{label!r}] is an empty list")
-            curves.append((str(label), runs))
-        fig = _new_figure(6.4, 4.2)
-        ax = fig.add_subplot(1, 1, 1)
-        max_len = 1
-        for label, runs in curves:
-            series = [incremental_accuracies(run.accuracy_matrix) for run in runs]
-            if len({len(s) for s in series}) != 1:
-                raise ValueError(f"runs of {label!r} have different numbers of rows: {[len(s) for s in series]}")
-            values = 100.0 * np.asarray(series)
-            mean = values.mean(axis=0)
-            x = np.arange(1, values.shape[1] + 1)
-            max_len = max(max_len, len(x))
-            (line,) = ax.plot(x, mean, marker="o", label=label if len(runs) == 1 else f"{label} (n={len(runs)})")
-            if len(runs) > 1:
-                std = values.std(axis=0, ddof=1)
-                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_xticks(range(1, max_len + 1))
-        ax.set_xlabel("number of tasks learned")
-        ax.set_ylabel("mean accuracy on tasks seen so far (%)")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        ax.set_title(title if title is not None else "accuracy over the task sequence")
-        return _save(fig, path)
+        return plot_accuracy_curve(self, path, others, title)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,200 @@
+"""Classification heads of a class-incremental sequence: global labels, head growth, frozen old rows.
+
+Task ``t`` brings ``C_t`` classes with local labels ``0..C_t-1``; they become the global labels
+``o_t..o_t+C_t-1`` with ``o_t = C_0 + ... + C_{t-1}`` (task t's classes follow task t-1's). The head, a Linear in
+the adapter's ``modules_to_save``, is grown to ``o_T`` outputs with its old rows kept bit for bit; while task ``t``
+trains, the rows outside ``[o_t, o_t+C_t)`` are restored after every optimizer step (weight decay or momentum would
+otherwise move them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from .arguments import ContinualTask
+
+
+ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
+
+__all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "check_local_labels", "class_ranges", "ensure_head_size",
+           "find_head", "grow_linear", "new_head_row", "num_task_classes", "to_global_labels"]
+
+
+def label_column(dataset: Any) -> Optional[str]:
+    """``"labels"`` or ``"label"``, whichever the dataset has (``None`` if neither)."""
+    names = getattr(dataset, "column_names", None) or []
+    return "labels" if "labels" in names else "label" if "label" in names else None
+
+
+def num_task_classes(task: ContinualTask) -> int:
+    """``C_t``: ``len(label_names)``, else the names of a ``ClassLabel`` feature, else ``max(label) + 1``."""
+    if task.label_names is not None:
+        return len(task.label_names)
+    for dataset in (task.train_dataset, task.eval_dataset):
+        column = label_column(dataset)
+        if column is None:
+            continue
+        feature = getattr(dataset, "features", {}).get(column)
+        if getattr(feature, "names", None):
+            return len(feature.names)
+        return int(max(dataset[column])) + 1
+    raise ValueError(f"Task '{task.name}' has no 'labels' or 'label' column: pass label_names or add labels.")
+
+
+def class_ranges(counts: list[int], start: int = 0) -> list[ClassRange]:
+    """``[(o_t, o_t + C_t)]`` for class counts ``C_t``, the first offset being ``start``."""
+    ranges, offset = [], start
+    for n in counts:
+        ranges.append((offset, offset + n))
+        offset += n
+    return ranges
+
+
+def check_local_labels(dataset: Any, num_classes: int, task_name: str) -> str:
+    """Check that ``dataset`` has local labels in ``0..num_classes-1``; returns the label column."""
+    column = label_column(dataset)
+    if column is None:
+        raise ValueError(f"Task '{task_name}': the dataset has no 'labels' or 'label' column.")
+    labels = dataset[column]
+    if len(labels) and (min(labels) < 0 or max(labels) >= num_classes):
+        raise ValueError(f"Task '{task_name}': labels must be in 0..{num_classes - 1} (the task's own classes), "
+                         f"got {min(labels)}..{max(labels)}.")
+    return column
+
+
+def to_global_labels(dataset: Any, classes: ClassRange, task_name: str) -> Any:
+    """Shift a task's local labels ``0..C-1`` to the global ids ``lo..hi-1`` (column ``labels``)."""
+    if dataset is None:
+        return None
+    lo, hi = classes
+    column = check_local_labels(dataset, hi - lo, task_name)
+    if column == "label":
+        dataset = dataset.rename_column("label", "labels")
+    if hasattr(dataset, "cast_column"):  # a ClassLabel feature would refuse the shifted ids
+        import datasets
+
+        dataset = dataset.cast_column("labels", datasets.Value("int64"))
+    return dataset.map(lambda batch: {"labels": [y + lo for y in batch["labels"]]}, batched=True,
+                       desc=f"global labels for {task_name}")
+
+
+def new_head_row(in_features: int, row: int, seed: int) -> torch.Tensor:
+    """The initial weights of head row ``row`` (class ``row``): ``N(0, 0.02^2)`` as transformers initialises heads,
+    drawn from a generator seeded by ``(seed, row)`` alone, so a row is the same whenever the head grows (all
+    classes at once, or task by task) and the global RNG is left alone."""
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + row)
+    return torch.randn(in_features, generator=generator, dtype=torch.float32) * 0.02
+
+
+def grow_linear(linear: nn.Linear, out_features: int, seed: int = 0) -> nn.Linear:
+    """A copy of ``linear`` with more output rows: old rows kept bit for bit, new rows from :func:`new_head_row`
+    (zero bias)."""
+    grown = nn.Linear(linear.in_features, out_features, bias=linear.bias is not None,
+                      device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        for row in range(linear.out_features, out_features):
+            grown.weight[row] = new_head_row(linear.in_features, row, seed)
+        grown.weight[: linear.out_features] = linear.weight
+        if linear.bias is not None:
+            grown.bias.zero_()
+            grown.bias[: linear.out_features] = linear.bias
+    grown.weight.requires_grad_(linear.weight.requires_grad)
+    if grown.bias is not None:
+        grown.bias.requires_grad_(linear.bias.requires_grad)
+    return grown
+
+
+def find_head(model: PeftModel) -> tuple[ModulesToSaveWrapper, nn.Linear]:
+    """The classification head: the ``modules_to_save`` Linear whose outputs are the class logits (the one with
+    ``config.num_labels`` outputs, else the last one)."""
+    num_labels = getattr(model.config, "num_labels", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            active = module.modules_to_save[model.active_adapter]
+            if isinstance(active, nn.Linear):
+                candidates.append((name, module, active))
+    chosen = [c for c in candidates if c[2].out_features == num_labels] or candidates
+    if not chosen:
+        raise ValueError(
+            "Class-incremental training needs the classification head in `modules_to_save` (e.g. "
+            "InfLoRAConfig(modules_to_save=['classifier']) for BERT, ['score'] for Llama): none was found. For "
+            "generative tasks use setting='generation'."
+        )
+    return chosen[-1][1], chosen[-1][2]
+
+
+def ensure_head_size(model: PeftModel, num_classes: int, seed: int = 0) -> None:
+    """Grow the head (every adapter's copy and the original) to ``num_classes`` outputs, new rows from
+    :func:`new_head_row` with ``seed``; never shrinks."""
+    wrapper, head = find_head(model)
+    if head.out_features >= num_classes:
+        return
+    for key in list(wrapper.modules_to_save.keys()):
+        module = wrapper.modules_to_save[key]
+        if isinstance(module, nn.Linear):
+            wrapper.modules_to_save[key] = grow_linear(module, num_classes, seed)
+    if isinstance(wrapper.original_module, nn.Linear):
+        wrapper.original_module = grow_linear(wrapper.original_module, num_classes, seed)
+    model.config.num_labels = num_classes
+    for module in model.modules():  # transformers heads keep their own copy for the loss
+        if isinstance(getattr(module, "num_labels", None), int) and module is not model:
+            module.num_labels = num_classes
+
+
+class FrozenHeadRows:
+    """The head rows outside ``classes``, snapshotted now and restored after every optimizer step."""
+
+    def __init__(self, model: PeftModel, classes: ClassRange) -> None:
+        _, self.head = find_head(model)
+        self.frozen = torch.ones(self.head.out_features, dtype=torch.bool, device=self.head.weight.device)
+        self.frozen[classes[0]: classes[1]] = False
+        self.weight = self.head.weight.detach().clone()
+        self.bias = self.head.bias.detach().clone() if self.head.bias is not None else None
+
+    def restore(self, *unused: Any) -> None:
+        """Write the snapshot back into the frozen rows (an optimizer step post-hook)."""
+        with torch.no_grad():
+            self.head.weight[self.frozen] = self.weight[self.frozen]
+            if self.bias is not None:
+                self.head.bias[self.frozen] = self.bias[self.frozen]
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        target = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; hook the real one
+        target.register_step_post_hook(self.restore)
+
+
+class HeadLossMixin:
+    """The Trainer hooks of a class-incremental head (mixed into :class:`~.loop.ContinualMixin`): the loss over the
+    task's classes and the frozen rows. The trainer sets ``_task_classes`` and ``_frozen_head`` while a task trains."""
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Classification: cross-entropy over the current task's classes only (``logits[:, lo:hi]``, the paper's
+        loss, ``loss_classes="task"``), so other classes' head rows get exactly zero gradient; or over all classes
+        seen so far (``logits[:, :hi]``, ``loss_classes="seen"``). Generation: the trainer's own loss."""
+        if self.args.setting == "generation" or self._task_classes is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        lo, hi = self._task_classes
+        if self.args.loss_classes == "seen":
+            lo = 0
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss = F.cross_entropy(logits[:, lo:hi].float(), labels - lo)
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The trainer's optimizer, plus a post-step hook that restores the head rows of every class outside the
+        current task."""
+        optimizer = super().create_optimizer(model)
+        if self._frozen_head is not None:
+            self._frozen_head.attach(optimizer)
+        return optimizer

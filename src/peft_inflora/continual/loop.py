@@ -1,0 +1,456 @@
+"""The continual task loop, as a mixin over ``transformers.Trainer`` hooks.
+
+For task ``t`` (0-based): ``begin_task`` over the task's training data, read through the trainer's own,
+Accelerate-prepared dataloader (so under DDP each process sees its shard and the statistics are all-reduced, and under
+TRL the covariance sees exactly the tokens that are trained); ``Trainer.train()`` with a fresh optimizer and scheduler;
+``end_task``; then the evaluation of every task seen so far, which is row ``t`` of the accuracy matrix. The training
+loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes) and
+``create_optimizer`` (old head rows frozen bit for bit), both in :class:`~.heads.HeadLossMixin`; ``_get_output_dir``
+(the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while ``args.output_dir``
+stays the same for every callback); ``train``; and the Hub methods (:class:`~.hub.HubMixin`).
+
+``class MyTrainer(ContinualMixin, SomeTrainer)`` makes any ``Trainer`` subclass continual, with arguments of a class
+``(ContinualArguments, SomeTrainingArguments)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+from peft import PeftModel
+from transformers import TrainerCallback
+from transformers.trainer_utils import set_seed
+
+from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
+from .capacity import report_capacity
+from .card import CardLocation
+from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
+from .evaluation import AnswerMetric, TaskMetric, classification_accuracy, generate_answers, score_answers
+from .heads import (
+    ClassRange,
+    FrozenHeadRows,
+    HeadLossMixin,
+    check_local_labels,
+    ensure_head_size,
+    num_task_classes,
+    to_global_labels,
+)
+from .hub import HubMixin, task_revision_names
+from .result import ContinualResult
+
+
+__all__ = ["ContinualCallback", "ContinualMixin"]
+
+# options that were ContinualTrainer keyword arguments before they became ContinualArguments fields
+_MOVED_OPTIONS = {"task_type": "setting", "loss_classes": "loss_classes",
+                  "generation_max_new_tokens": "generation_max_new_tokens",
+                  "push_task_revisions": "push_task_revisions"}
+
+
+class ContinualCallback(TrainerCallback):
+    """A ``TrainerCallback`` with two more events, called by the continual trainers around every task."""
+
+    def on_task_begin(self, args, state, control, task: ContinualTask, task_index: int, **kwargs):
+        """After ``begin_task`` (B_t designed), before training the task (``task_index`` 0-based)."""
+
+    def on_task_end(self, args, state, control, task: ContinualTask, task_index: int, result: ContinualResult,
+                    **kwargs):
+        """After ``end_task``, the evaluation of every task seen so far (``result`` has the new row) and the
+        checkpoint ``continual/after-task-NN``."""
+
+
+class ContinualMixin(HeadLossMixin, HubMixin):
+    """The continual loop for any ``transformers.Trainer`` subclass (put it first: ``(ContinualMixin, Trainer)``).
+
+    Args:
+        args: a ``ContinualArguments`` subclass of the trainer's arguments (e.g. ``ContinualTrainingArguments``);
+            ``None`` gives ``continual_arguments_class(output_dir="trainer_output")``.
+        answer_metric: setting ``"generation"``: ``f(predictions, references) -> float`` instead of exact match.
+        All other arguments are the trainer's. The model must be a ``PeftModel``; with an InfLoRA adapter each task
+        gets its own branch; with another PEFT method (e.g. LoRA) the same loop runs as plain sequential fine-tuning
+        (a baseline).
+    """
+
+    continual_arguments_class: type = ContinualTrainingArguments
+
+    def __init__(self, *args: Any, answer_metric: Optional[AnswerMetric] = None, **kwargs: Any) -> None:
+        moved = [name for name in _MOVED_OPTIONS if name in kwargs]
+        if moved:
+            raise TypeError(f"{', '.join(moved)} are no longer trainer arguments: set them in the training arguments, "
+                            f"e.g. {self.continual_arguments_class.__name__}(output_dir=..., "
+                            + ", ".join(f"{_MOVED_OPTIONS[m]}=..." for m in moved) + ").")
+        positional = len(args) > 1
+        training_args = args[1] if positional else kwargs.get("args")
+        if training_args is None:
+            training_args = self.continual_arguments_class(output_dir="trainer_output")
+            if positional:
+                args = (args[0], training_args) + tuple(args[2:])
+            else:
+                kwargs["args"] = training_args
+        if not isinstance(training_args, ContinualArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs the continual options in its arguments: pass "
+                f"args={self.continual_arguments_class.__name__}(...) (every {type(training_args).__name__} field "
+                f"plus setting, loss_classes, ...) instead of {type(training_args).__name__}.")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
+            raise TypeError(f"{type(self).__name__} needs a PeftModel: wrap the model with "
+                            "`get_peft_model(model, InfLoRAConfig(...))` first.")
+        self.answer_metric = answer_metric
+        self.continual_result: Optional[ContinualResult] = None
+        self.continual_tasks: list[ContinualTask] = []  # the tasks learned so far, in order
+        self._eval_datasets: list[Any] = []
+        self._class_ranges: list[ClassRange] = []
+        self._current: Optional[tuple[int, ContinualTask]] = None  # (1-based number, task) while a task trains
+        self._task_classes: Optional[ClassRange] = None
+        self._frozen_head: Optional[FrozenHeadRows] = None
+        self._planned_names: Optional[list[str]] = None  # the sequence train_continual runs
+        self._last_train_output: Any = None
+        self._metrics: dict[str, TaskMetric] = {}  # by task name
+        if self.args.setting != "generation":
+            self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    # ------------------------------------------------------------------ model access
+    @property
+    def peft_model(self) -> PeftModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def is_inflora(self) -> bool:
+        """False for other PEFT methods, which the trainer runs as plain sequential fine-tuning (a baseline)."""
+        return hasattr(self.peft_model.base_model, "begin_task")
+
+    @property
+    def _classification(self) -> bool:
+        return self.args.setting != "generation"
+
+    # ------------------------------------------------------------------ Trainer hooks
+    def _get_output_dir(self, trial: Any) -> str:
+        """While task NN trains, the Trainer's own checkpoints go to ``continual/task-NN-<name>`` under the run's
+        folder (``args.output_dir`` itself never changes)."""
+        run_dir = super()._get_output_dir(trial)
+        if self._current is None:
+            return run_dir
+        number, task = self._current
+        return str(task_run_dir(run_dir, number, task.name))
+
+    def train(self, resume_from_checkpoint: Optional[Union[str, bool]] = None, trial: Any = None,
+              ignore_keys_for_eval: Optional[list[str]] = None, **kwargs: Any) -> Any:
+        """Learn ``train_dataset`` (evaluated on ``eval_dataset``) as the next task of the sequence, named
+        ``task-<k>``: ``train_task(ContinualTask(f"task-{k}", train_dataset, eval_dataset))``. Returns the
+        ``TrainOutput`` of that task; the accuracy matrix is in ``trainer.continual_result``.
+
+        ``resume_from_checkpoint=False`` ignores the ``continual/after-task-NN`` checkpoints of ``output_dir``;
+        ``None`` or ``True`` continues after the last of them (see :meth:`train_task`). Mid-task Trainer
+        checkpoints (a path) cannot be resumed: a task is learned whole, or again."""
+        if self._current is not None:  # inside train_task: the trainer's own loop
+            return super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)) or trial is not None:
+            raise ValueError(
+                "A continual trainer resumes after finished tasks only (continual/after-task-NN in output_dir), not "
+                "from a mid-task Trainer checkpoint or a hyperparameter trial: call trainer.train() (or "
+                "trainer.train_task(task)) with resume_from_checkpoint=True, or False to start over.")
+        if self.train_dataset is None or self.eval_dataset is None or isinstance(self.eval_dataset, dict):
+            raise ValueError(
+                "trainer.train() learns train_dataset as the next task and evaluates it on eval_dataset: pass both "
+                "(eval_dataset one dataset, not a dict) to the trainer, or call "
+                "trainer.train_task(ContinualTask(name, train_dataset, eval_dataset)) or "
+                "trainer.train_continual(tasks).")
+        resume = resume_from_checkpoint is not False
+        sequence = self._resolve(None, None, resume)
+        task = ContinualTask(f"task-{len(sequence.tasks) + 1}", self.train_dataset, self.eval_dataset)
+        self.train_task(task, resume_from_checkpoint=resume)
+        return self._last_train_output
+
+    # ------------------------------------------------------------------ public API
+    def train_task(self, task: ContinualTask, *, previous_tasks: Optional[Sequence[ContinualTask]] = None,
+                   previous_result: Optional[Union[ContinualResult, str, os.PathLike]] = None,
+                   resume_from_checkpoint: bool = True) -> ContinualResult:
+        """Learn one more task, then evaluate it and every earlier task (a new row of the accuracy matrix).
+
+        Where the sequence so far comes from, in this order:
+
+        * this trainer's memory (the tasks it learned, with their eval data);
+        * a downloaded adapter (``PeftModel.from_pretrained``, ``tasks_done() > 0``): pass ``previous_result`` (a
+          :class:`ContinualResult`, or the folder / Hub repo id it was saved in) and ``previous_tasks``;
+        * ``output_dir`` after a restart (``resume_from_checkpoint=True``, the default): the adapter of the last
+          ``continual/after-task-NN`` is loaded into the model, and ``previous_tasks`` is needed;
+        * nothing: ``task`` is the first task.
+
+        ``previous_tasks`` are the learned tasks, in order, with their ``eval_dataset`` (``train_dataset`` may be
+        ``None``): every new row evaluates them. Everything is checked before anything changes.
+        """
+        self._refuse_sharded()
+        sequence = self._resolve(previous_tasks, previous_result, resume_from_checkpoint)
+        prepared = self._prepare_task(task, sequence)
+        self._adopt(sequence)
+        self._push_missing()
+        self._learn(task, *prepared)
+        return self.continual_result
+
+    def train_continual(self, tasks: Sequence[ContinualTask], resume_from_checkpoint: bool = False,
+                        previous_result: Optional[Union[ContinualResult, str, os.PathLike]] = None) -> ContinualResult:
+        """Learn ``tasks`` in order (a loop over :meth:`train_task`) and return the :class:`ContinualResult`
+        (accuracy matrix, A_T, A_avg, BWT, forgetting, times), also written to ``output_dir`` with plots.
+
+        ``resume_from_checkpoint=True`` continues after the last finished task saved in ``output_dir``. To continue
+        a downloaded adapter that learned ``k`` tasks, ``tasks`` is the whole sequence (the ``k`` learned tasks
+        first) and ``previous_result`` the result saved with it. With ``push_task_revisions`` every finished task is
+        pushed to its branch, and the end of the sequence to ``hub_revision`` (``main``); after a failed upload,
+        ``resume_from_checkpoint=True`` first pushes the finished tasks whose branch is missing.
+        """
+        self._refuse_sharded()
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("`tasks` is empty: pass at least one ContinualTask.")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Task names must be unique, got {names}.")
+        if self.args.push_task_revisions:
+            task_revision_names(names)  # bad names fail before training
+        sequence = self._resolve(tasks, previous_result, resume_from_checkpoint, prefix_of_sequence=True)
+        done = len(sequence.tasks)
+        if sequence.source == "adapter" and done >= len(tasks):
+            raise ValueError(f"The adapter learned {names[:done]}; `tasks` must start with those tasks, in that "
+                             f"order, and add at least one new task (got {names}).")
+        for task in tasks[done:]:  # every new task's data, checked before anything changes
+            self._check_task_data(task)
+        if self._classification:
+            for task in tasks[done:]:
+                for dataset in (task.train_dataset, task.eval_dataset):
+                    check_local_labels(dataset, num_task_classes(task), task.name)
+        self._adopt(sequence)
+        self._push_missing()
+        if self.continual_result is not None:
+            self.continual_result.task_names = names  # the plan: later columns stay blank until learned
+        self._planned_names = names
+        try:
+            for task in tasks[done:]:
+                self.train_task(task)
+        finally:
+            self._planned_names = None
+        if self.args.push_task_revisions:
+            self._push_sequence_end()
+        return self.continual_result
+
+    def evaluate_tasks(self) -> list[float]:
+        """The accuracy (or answer score) on every task learned so far, with the current model and ``setting``."""
+        seen = len(self.continual_tasks) - 1
+        return [self._evaluate(j, seen) for j in range(seen + 1)]
+
+    # ------------------------------------------------------------------ the sequence so far
+    def _resolve(self, previous_tasks: Optional[Sequence[ContinualTask]], previous_result: Any, resume: bool,
+                 prefix_of_sequence: bool = False) -> SequenceSoFar:
+        """Find the sequence learned so far (see :meth:`train_task`) and check it; changes nothing."""
+        memory = None
+        if self.continual_tasks:
+            memory = SequenceSoFar("memory", list(self.continual_tasks), list(self._eval_datasets),
+                                   list(self._class_ranges), self.continual_result)
+        return resolve_sequence(
+            memory=memory, learned=self.peft_model.tasks_done() if self.is_inflora else 0,
+            output_dir=self.args.output_dir, previous_tasks=previous_tasks, previous_result=previous_result,
+            resume=resume, classification=self._classification, prefix_of_sequence=prefix_of_sequence)
+
+    def task_metric(self, task: ContinualTask) -> TaskMetric:
+        """What scores ``task`` in the matrix: ``task.metric``, else (generation) the trainer's ``answer_metric``,
+        else ``args.eval_metric``, else the shipped ``accuracy`` / ``exact_match`` (loaded once per task name)."""
+        if task.name not in self._metrics:
+            default = "accuracy" if self._classification else "exact_match"
+            if task.metric is not None:
+                metric = TaskMetric(task.metric, task.metric_key, default=default)
+            elif not self._classification and self.answer_metric is not None:
+                metric = TaskMetric(self.answer_metric, task.metric_key, default=default)
+            else:
+                metric = TaskMetric(self.args.eval_metric, task.metric_key or self.args.eval_metric_key,
+                                    default=default)
+            self._metrics[task.name] = metric
+        return self._metrics[task.name]
+
+    def _check_task_data(self, task: ContinualTask) -> None:
+        self.task_metric(task)  # a metric that does not load fails here, before anything changes
+        if task.train_dataset is None:
+            raise ValueError(f"Task '{task.name}' has no train_dataset.")
+        if task.eval_dataset is None:
+            raise ValueError(f"Task '{task.name}' has no eval_dataset: every task needs test data for the accuracy "
+                             "matrix.")
+        if not self._classification:
+            if self.processing_class is None:
+                raise ValueError("Generation evaluation needs the tokenizer: pass processing_class=tokenizer.")
+            self.check_generation_eval_dataset(task)
+
+    def _prepare_task(self, task: ContinualTask, sequence: SequenceSoFar) -> tuple[Any, Any, Optional[ClassRange]]:
+        """Check the next task against the sequence and give its (train, eval) data and class range."""
+        names = [t.name for t in sequence.tasks]
+        if task.name in names:
+            raise ValueError(f"Task names must be unique: '{task.name}' is already learned ({names}).")
+        self._check_task_data(task)
+        if self.args.push_task_revisions:
+            task_revision_names(names + [task.name])
+        if not self._classification:
+            return self.prepare_train_dataset(task.train_dataset, task), task.eval_dataset, None
+        lo = sequence.class_ranges[-1][1] if sequence.class_ranges else 0
+        classes = (lo, lo + num_task_classes(task))
+        train_dataset = to_global_labels(task.train_dataset, classes, task.name)
+        return self.prepare_train_dataset(train_dataset, task), to_global_labels(task.eval_dataset, classes,
+                                                                                 task.name), classes
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def prepare_train_dataset(self, dataset: Any, task: ContinualTask) -> Any:
+        """The task's training data as this trainer trains on it (default: as given; classification: with global
+        labels already). A trainer that prepares data in ``__init__`` (TRL's ``SFTTrainer`` tokenizes
+        conversations) overrides this to prepare each task's data the same way. Called before anything changes."""
+        return dataset
+
+    def check_generation_eval_dataset(self, task: ContinualTask) -> None:
+        """Refuse, before anything changes, eval data that :meth:`generation_references` cannot read."""
+        columns = getattr(task.eval_dataset, "column_names", None) or []
+        missing = [c for c in (self.args.eval_prompt_column, self.args.eval_answer_column) if c not in columns]
+        if missing:
+            raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
+                             "set eval_prompt_column / eval_answer_column in the training arguments.")
+
+    def generation_references(self, dataset: Any) -> tuple[list[str], list[str]]:
+        """``(prompts, reference answers)`` of a generation task's eval data (default: the columns
+        ``eval_prompt_column`` / ``eval_answer_column``); e.g. a TRL trainer renders conversations here."""
+        return list(dataset[self.args.eval_prompt_column]), list(dataset[self.args.eval_answer_column])
+
+    def _adopt(self, sequence: SequenceSoFar) -> None:
+        """Make the resolved sequence the trainer's (loads a checkpoint's adapter into the model)."""
+        if sequence.source in ("memory", "fresh"):
+            return
+        if sequence.class_ranges:  # first, so that a checkpoint's grown head fits
+            rows = max(sequence.class_ranges[-1][1], sequence.head_size)
+            ensure_head_size(self.peft_model, rows, self.args.seed)
+        if sequence.checkpoint is not None:
+            load_adapter_state(self.peft_model, sequence.checkpoint)
+        self.continual_tasks = list(sequence.tasks)
+        self._eval_datasets = list(sequence.eval_datasets)
+        self._class_ranges = list(sequence.class_ranges)
+        self.continual_result = copy.deepcopy(sequence.result)
+        self.continual_result.extra.update(self._result_extra())
+
+    def _push_missing(self) -> None:
+        """With push_task_revisions: push the finished tasks whose branch is missing (an upload failed before)."""
+        if self.args.push_task_revisions and self.continual_tasks:
+            self._push_missing_task_revisions([t.name for t in self.continual_tasks])
+
+    def _result_extra(self) -> dict[str, Any]:
+        if self.is_inflora:
+            method = "InfLoRA"
+        else:
+            peft_type = self.peft_model.peft_config[self.peft_model.active_adapter].peft_type
+            method = f"sequential {getattr(peft_type, 'value', peft_type)}"
+        return {"setting": self.args.setting, "method": method, "continual_arguments": self.args.continual_dict()}
+
+    def _refuse_sharded(self) -> None:
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
+        if self.is_inflora and sharded:
+            raise ValueError(
+                "The continual trainers do not yet run InfLoRA under Accelerate's FSDP or DeepSpeed: they shard or "
+                "partition the new A_t that begin_task creates for every task. Use DDP (plain `accelerate launch` / "
+                "`torchrun`), or the hand-written FSDP2 / DeepSpeed ZeRO-1/2 loop of the README (peft_inflora."
+                "distributed). Nothing was trained.")
+
+    # ------------------------------------------------------------------ one task
+    def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any,
+               classes: Optional[ClassRange]) -> None:
+        index = len(self.continual_tasks)
+        names = [t.name for t in self.continual_tasks] + [task.name]
+        plan = self._planned_names if self._planned_names and self._planned_names[: index + 1] == names else names
+        result = self.continual_result
+        if result is None:
+            result = ContinualResult(task_names=plan, extra=self._result_extra())
+        elif list(result.task_names[: index + 1]) != names:
+            result.task_names = plan
+        self.continual_result = result
+        peft_model, show = self.peft_model, self.is_world_process_zero() and not self.args.disable_tqdm
+        user_data = (self.train_dataset, self.eval_dataset)
+        set_seed(self.args.seed + index)
+        if classes is not None:
+            ensure_head_size(peft_model, classes[1], self.args.seed)
+        self.train_dataset = train_dataset
+        if classes is not None:  # evaluation during training (eval_strategy) sees global labels too
+            self.eval_dataset = eval_dataset
+        self._current = (index + 1, task)
+        try:
+            if classes is not None:
+                self._task_classes, self._frozen_head = classes, FrozenHeadRows(peft_model, classes)
+            t0 = time.perf_counter()
+            if self.is_inflora:
+                peft_model.begin_task(self.get_train_dataloader(), progress=show)
+            statistics_seconds = time.perf_counter() - t0
+            self._call_task_event("on_task_begin", task=task, task_index=index)
+            self.optimizer, self.lr_scheduler = None, None
+            self.model_wrapped = self.model  # re-wrap (DDP) around this task's new A_t
+            t0 = time.perf_counter()
+            self._last_train_output = self.train()
+            train_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if self.is_inflora:
+                peft_model.end_task(self.get_train_dataloader(), progress=show)
+            statistics_seconds += time.perf_counter() - t0
+        except BaseException:
+            if self.is_inflora and peft_model.task_in_progress():
+                peft_model.abort_task()  # memory and finished tasks untouched: the task can be learned again
+            raise
+        finally:
+            self.train_dataset, self.eval_dataset = user_data
+            self._current, self._task_classes, self._frozen_head = None, None, None
+        if self.is_inflora:
+            self.log(report_capacity(peft_model, result, index + 1, task.name,
+                                     len(self._planned_names) if self._planned_names else None))
+        self.continual_tasks.append(task)
+        self._eval_datasets.append(eval_dataset)
+        if classes is not None:
+            self._class_ranges.append(classes)
+            result.extra["class_ranges"] = [list(r) for r in self._class_ranges]
+        result.extra.setdefault("tasks", {})[task.name] = task_record(task) | {"metric": self.task_metric(task).name}
+        row = self.evaluate_tasks()
+        timings = len(result.train_seconds) == index and len(result.statistics_seconds) == index
+        result.add_row(row, train_seconds=train_seconds if timings else None,
+                       statistics_seconds=statistics_seconds if timings else None)
+        if self.args.should_save:
+            save_after_task(peft_model, result, self.args.output_dir, names,
+                            self._class_ranges if classes is not None else None, self.args.to_json_string(),
+                            complete=self._complete_checkpoint)
+        self._call_task_event("on_task_end", task=task, task_index=index, result=result)
+        self.log({f"continual/accuracy_after_{task.name}": sum(row) / len(row)})
+        if self.args.should_save:
+            self._push_after_task(index + 1, task.name)  # as hub_strategy says (push_to_hub=True)
+        if self.args.push_task_revisions:
+            self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
+            if self._planned_names is None:  # train_task on its own: main follows the latest task
+                self._push_sequence_end()
+
+    def _complete_checkpoint(self, folder: Any) -> None:
+        """What a ``continual/after-task-NN`` holds besides the adapter and the result: the processing class and
+        the model card."""
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(str(folder))
+        self.write_model_card(folder, location=CardLocation(checkpoint_of=str(self.args.output_dir)))
+
+    def _evaluate(self, j: int, seen: int) -> float:
+        """Accuracy on task ``j`` after learning tasks ``0..seen``."""
+        dataset = self._eval_datasets[j]
+        if not self._classification:
+            prompts, references = self.generation_references(dataset)
+            predictions = generate_answers(
+                self.peft_model, self.processing_class, prompts, batch_size=self.args.per_device_eval_batch_size,
+                max_new_tokens=self.args.generation_max_new_tokens, device=self.args.device,
+                num_beams=getattr(self.args, "generation_num_beams", None) or 1)
+            return score_answers(predictions, references, self.task_metric(self.continual_tasks[j]))
+        output = self.predict(dataset, metric_key_prefix=f"eval_{self.continual_tasks[j].name}")
+        classes = (0, self._class_ranges[seen][1]) if self.args.setting == "class_incremental" \
+            else self._class_ranges[j]
+        return classification_accuracy(output.predictions, output.label_ids, classes,
+                                       self.task_metric(self.continual_tasks[j]))
+
+    def _call_task_event(self, event: str, **kwargs: Any) -> None:
+        for callback in self.callback_handler.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is not None:
+                handler(self.args, self.state, self.control, model=self.peft_model, **kwargs)
