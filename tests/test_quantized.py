@@ -466,11 +466,10 @@ def test_continual_trainer_learns_generation_tasks_on_a_quantized_base(kind, tmp
     tasks = [ContinualTask(name, tokenize_instruction_dataset(instructions(pairs * 8), tokenizer), instructions(pairs))
              for name, pairs in (("colours", [("colour of grass ?", "green"), ("colour of sky ?", "blue")]),
                                  ("animals", [("animal that barks ?", "dog"), ("animal that meows ?", "cat")]))]
-    trainer = ContinualTrainer(model=model, args=training_args(tmp_path / "run", num_train_epochs=40,
-                                                               learning_rate=5e-2, per_device_train_batch_size=16),
-                               task_type="generation", processing_class=tokenizer,
-                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                               generation_max_new_tokens=3)
+    args = training_args(tmp_path / "run", num_train_epochs=40, learning_rate=5e-2, per_device_train_batch_size=16,
+                         setting="generation", generation_max_new_tokens=3)
+    trainer = ContinualTrainer(model=model, args=args, processing_class=tokenizer,
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True))
     result = trainer.train_continual(tasks)
     assert result.accuracy_matrix[0][0] == 1.0 and result.accuracy_matrix[1][1] == 1.0
     assert all(type(m) in (Linear4bit, Linear8bitLt) for m in model.base_model.inflora_layers().values())
