@@ -4,9 +4,9 @@ For task ``t`` (0-based): ``begin_task`` over the task's training data, read thr
 Accelerate-prepared dataloader (so under DDP each process sees its shard and the statistics are all-reduced, and under
 TRL the covariance sees exactly the tokens that are trained); ``Trainer.train()`` with a fresh optimizer and scheduler;
 ``end_task``; then the evaluation of every task seen so far, which is row ``t`` of the accuracy matrix. The training
-loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes) and
-``create_optimizer`` (old head rows frozen bit for bit), both in :class:`~.heads.HeadLossMixin`; ``_get_output_dir``
-(the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while ``args.output_dir``
+loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes; a
+callback restores the old head rows bit for bit after every optimizer step: :class:`~.heads.HeadLossMixin`);
+``_get_output_dir`` (the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while ``args.output_dir``
 stays the same for every callback); ``train``; and the Hub methods (:class:`~.hub.HubMixin`).
 
 ``class MyTrainer(ContinualMixin, SomeTrainer)`` makes any ``Trainer`` subclass continual, with arguments of a class
@@ -25,6 +25,7 @@ from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import set_seed
 
+from ..distributed import reshard_fsdp_modules
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments
 from .capacity import report_capacity
 from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
@@ -33,6 +34,7 @@ from .heads import (
     ClassRange,
     FrozenHeadRows,
     HeadLossMixin,
+    RestoreFrozenHeadRows,
     check_local_labels,
     ensure_head_size,
     num_task_classes,
@@ -40,6 +42,7 @@ from .heads import (
 )
 from .hub import HubMixin, task_revision_names
 from .result import ContinualResult
+from .sharding import check_sharding, is_fsdp2_sharded
 
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
@@ -99,7 +102,11 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
             raise TypeError(f"{type(self).__name__} needs a PeftModel: wrap the model with "
                             "`get_peft_model(model, InfLoRAConfig(...))` first.")
+        if is_fsdp2_sharded(self.peft_model):  # sharded by its owner (fully_shard before the trainer): the
+            # Trainer's path for such a model: no DDP wrap, replicated trainables (A_t, head) broadcast + averaged
+            self.is_distributed_loading_by_transformers, self.place_model_on_device = True, False
         self.answer_metric = answer_metric
+        self.add_callback(RestoreFrozenHeadRows(self))
         self.continual_result: Optional[ContinualResult] = None
         self.continual_tasks: list[ContinualTask] = []  # the tasks learned so far, in order
         self._eval_datasets: list[Any] = []
@@ -182,7 +189,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         ``previous_tasks`` are the learned tasks, in order, with their ``eval_dataset`` (``train_dataset`` may be
         ``None``): every new row evaluates them. Everything is checked before anything changes.
         """
-        self._refuse_sharded()
+        check_sharding(self, self.peft_model)
         sequence = self._resolve(previous_tasks, previous_result, resume_from_checkpoint)
         prepared = self._prepare_task(task, sequence)
         self._adopt(sequence)
@@ -201,7 +208,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         pushed to its branch, and the end of the sequence to ``hub_revision`` (``main``); after a failed upload,
         ``resume_from_checkpoint=True`` first pushes the finished tasks whose branch is missing.
         """
-        self._refuse_sharded()
+        check_sharding(self, self.peft_model)
         tasks = list(tasks)
         if not tasks:
             raise ValueError("`tasks` is empty: pass at least one ContinualTask.")
@@ -328,15 +335,6 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             method = f"sequential {getattr(peft_type, 'value', peft_type)}"
         return {"setting": self.args.setting, "method": method, "continual_arguments": self.args.continual_dict()}
 
-    def _refuse_sharded(self) -> None:
-        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
-        if self.is_inflora and sharded:
-            raise ValueError(
-                "The continual trainers do not yet run InfLoRA under Accelerate's FSDP or DeepSpeed: they shard or "
-                "partition the new A_t that begin_task creates for every task. Use DDP (plain `accelerate launch` / "
-                "`torchrun`), or the hand-written FSDP2 / DeepSpeed ZeRO-1/2 loop of the README (peft_inflora."
-                "distributed). Nothing was trained.")
-
     # ------------------------------------------------------------------ one task
     def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any,
                classes: Optional[ClassRange]) -> None:
@@ -394,6 +392,9 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         timings = len(result.train_seconds) == index and len(result.statistics_seconds) == index
         result.add_row(row, train_seconds=train_seconds if timings else None,
                        statistics_seconds=statistics_seconds if timings else None)
+        # FSDP2 leaves the root unsharded after the evaluation's forwards, and state_dict() reshards it on the saving
+        # process only: reshard everywhere first, or the next forward's all-gathers differ between processes
+        reshard_fsdp_modules(peft_model)
         if self.args.should_save:
             save_after_task(peft_model, result, self.args.output_dir, names,
                             self._class_ranges if classes is not None else None, self.args.to_json_string())
