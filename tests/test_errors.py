@@ -26,6 +26,7 @@ OLD_HOMES = {
     "UnknownConfigFieldError": "config",
     "AdapterFileError": "config",
     "ShardedAdapterError": "distributed",
+    "DistributedStepError": "distributed",
     "QuantizedMergeWarning": "bnb",
 }
 

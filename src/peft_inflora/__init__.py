@@ -12,6 +12,7 @@ application needs (datasets, evaluate, matplotlib).
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter_weights
 from .errors import (
     AdapterFileError,
+    DistributedStepError,
     NoTaskInProgressError,
     QuantizedMergeWarning,
     ShardedAdapterError,
@@ -70,6 +71,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AdapterFileError",
+    "DistributedStepError",
     "ExportedLayer",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",

@@ -34,14 +34,15 @@ One wrap serves the whole sequence (tested on CPU with 2 processes over gloo, ``
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from .errors import ShardedAdapterError
+from .errors import DistributedStepError, ShardedAdapterError
 
 try:  # torch >= 2.4 (public DTensor); older torch has no FSDP2
     from torch.distributed.tensor import DTensor
@@ -71,6 +72,80 @@ def is_distributed() -> bool:
 def world_size() -> int:
     """Processes in the default group: ``torch.distributed.get_world_size()`` while it runs, else 1."""
     return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def _flag_device(group: Any = None) -> torch.device:
+    """Where the agreement's flags live: CPU for gloo (and mixed ``cpu:gloo,cuda:nccl`` groups), the current GPU for
+    a GPU-only backend (NCCL reduces GPU tensors only)."""
+    backend = str(torch.distributed.get_backend(group))
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def check_agreement(step: str, error: Optional[BaseException] = None, stop: bool = False,
+                    group: Any = None) -> bool:
+    """The collective that ends a local step on every process of ``group`` (default: all): each process says whether
+    its step failed (``error``) and whether it wants to stop (``stop``, e.g. it ran out of batches), in one
+    all-reduce of ``world_size + 1`` numbers.
+
+    When any process failed, it raises on every process: the failing process its own ``error``, the others a
+    :class:`~peft_inflora.errors.DistributedStepError` naming ``step``, the failing rank(s) and their errors (one
+    more collective, only then). Call it where every process runs the same collectives before and after it, and
+    commit the step's results only once it returned: then no collective is left unmatched and no process changes
+    its state when another one failed. Without ``torch.distributed`` (or with one process) there is nothing to
+    agree with: ``error`` is raised, ``stop`` returned.
+
+    Returns:
+        Whether any process asked to stop.
+    """
+    if not is_distributed() or torch.distributed.get_world_size(group) == 1:
+        if error is not None:
+            raise error
+        return stop
+    world = torch.distributed.get_world_size(group)
+    rank = torch.distributed.get_rank(group)
+    flags = torch.zeros(world + 1, device=_flag_device(group))
+    flags[rank] = float(error is not None)
+    flags[world] = float(stop)
+    torch.distributed.all_reduce(flags, group=group)  # SUM: flags[r] > 0 <=> rank r failed
+    failed = [r for r in range(world) if flags[r].item() > 0]
+    if failed:
+        summaries: list = [None] * world
+        mine = None if error is None else f"{type(error).__name__}: {error}"
+        torch.distributed.all_gather_object(summaries, mine, group=group)
+        if error is not None:
+            raise error
+        errors = {r: summaries[r] for r in failed}
+        who = ", ".join(f"rank {r} ({errors[r]})" for r in failed)
+        raise DistributedStepError(
+            f"{step} failed on {len(failed)} of {world} processes: {who}. This process (rank {rank}) stopped too, "
+            "so that no process waits for another; nothing was changed. Fix the error the failing process reports "
+            "(its traceback is in its own log) and run the step again on every process.",
+            step=step, failed_ranks=failed, errors=errors,
+        )
+    return bool(flags[world].item() > 0)
+
+
+@contextlib.contextmanager
+def agree(step: str, group: Any = None) -> Iterator[None]:
+    """Run a local step (no collectives inside) on every process, then agree (:func:`check_agreement`): when the
+    block raised on any process, every process raises (that process its own error, the others a
+    :class:`~peft_inflora.errors.DistributedStepError` naming ``step`` and the failing rank). Compute inside the
+    block, commit after it::
+
+        with agree("end_task: memory update"):
+            new_memory = update_memory(...)      # may fail on one process only
+        layer.set_memory(new_memory)             # reached on every process, or on none
+
+    No-op without ``torch.distributed`` (the block's exception propagates unchanged, nothing is communicated).
+    """
+    try:
+        yield
+    except Exception as err:  # BaseException (KeyboardInterrupt, SystemExit) ends the process: no agreement
+        check_agreement(step, err, group=group)
+        raise  # pragma: no cover - check_agreement re-raises err
+    check_agreement(step, group=group)
 
 
 def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any = None) -> int:
@@ -157,10 +232,15 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, rank: Opti
                  **save_kwargs: Any) -> None:
     """Save a (possibly FSDP-wrapped) PeftModel's adapter once: every process gathers the full state
     (:func:`full_state_dict`, a collective), process 0 writes it with ``save_pretrained`` (memory and continual
-    state included), and all processes wait for the files before returning."""
-    state = full_state_dict(model)
+    state included), and all processes wait for the files before returning.
+
+    When one process fails (process 0 cannot write the folder, another cannot gather its part of the state), every
+    process raises (:func:`check_agreement`; the others a :class:`~peft_inflora.errors.DistributedStepError` naming
+    the failing rank), after the gather and after the write: no process is left waiting. A failure inside FSDP's
+    own gather collectives cannot be agreed on; those processes then fail when the process group's timeout ends."""
+    with agree("save_adapter (gathering the state)"):
+        state = full_state_dict(model)
     if rank is None:
         rank = torch.distributed.get_rank() if is_distributed() else 0
-    model.save_pretrained(str(save_directory), state_dict=state, is_main_process=rank == 0, **save_kwargs)
-    if is_distributed():
-        torch.distributed.barrier()
+    with agree("save_adapter (process 0 writing the files)"):
+        model.save_pretrained(str(save_directory), state_dict=state, is_main_process=rank == 0, **save_kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterFileError",
+    "DistributedStepError",
     "NoTaskInProgressError",
     "QuantizedMergeWarning",
     "ShardedAdapterError",
@@ -69,3 +70,22 @@ class QuantizedMergeWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------- distributed
 class ShardedAdapterError(RuntimeError):
     """InfLoRA's own parameters are sharded (FSDP2 ``fully_shard`` took them in): the lifecycle cannot run."""
+
+
+class DistributedStepError(RuntimeError):
+    """Another process failed in a collective step (``begin_task``, ``end_task``, ``save_adapter``, a statistics
+    pass): raised on every process that did not fail, naming the step and the failing rank(s) with their errors, so
+    that no process waits for the failed one. The failing process raises its own error; nothing was changed on any
+    process.
+
+    Attributes:
+        step: the step that failed (e.g. ``"end_task: memory update"``).
+        failed_ranks: the ranks that failed, ascending.
+        errors: ``{rank: "ErrorType: message"}`` of the failing ranks.
+    """
+
+    def __init__(self, message: str, step: str = "", failed_ranks: tuple = (), errors: dict | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.failed_ranks = tuple(failed_ranks)
+        self.errors = dict(errors or {})

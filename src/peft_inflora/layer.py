@@ -178,20 +178,35 @@ class InfLoRALayer(BaseTunerLayer):
         """Move the finished task's branch into the past: ``past_A <- [past_A, A_t]``, ``past_B <- [past_B; B_t]``;
         with ``fold="base"`` also ``W <- W + A_t B_t``. Exact: the layer's output does not change. The energy
         threshold of the task's memory update is recorded with its rank."""
+        self.commit_fold(adapter_name, self.folded_state(adapter_name, energy_threshold))
+
+    @torch.no_grad()
+    def folded_state(self, adapter_name: str, energy_threshold: float = float("nan")) -> dict[str, torch.Tensor]:
+        """What :meth:`fold_task` will install, computed without changing anything: the new ``inflora_past_A``,
+        ``inflora_past_B``, ``inflora_task_ranks`` and ``inflora_energy_thresholds`` of the adapter (``end_task``
+        computes these for every layer, agrees across processes, then commits them with :meth:`commit_fold`)."""
         if self.merged:
             raise RuntimeError("Cannot end a task while the adapter is merged: call `unmerge_adapter()` first.")
         A = self.inflora_A[adapter_name].detach()
         B = self.inflora_B[adapter_name]
         past_A, past_B = self.inflora_past_A[adapter_name], self.inflora_past_B[adapter_name]
-        if self.fold[adapter_name] == "base":
-            self._add_to_base_weight(A, B, sign=1.0)
-        self.inflora_past_A[adapter_name] = torch.cat([past_A, A.to(past_A.dtype)], dim=1).contiguous()
-        self.inflora_past_B[adapter_name] = torch.cat([past_B, B.to(past_B.dtype)], dim=0).contiguous()
         ranks = self.inflora_task_ranks[adapter_name]
-        self.inflora_task_ranks[adapter_name] = torch.cat([ranks, ranks.new_tensor([A.shape[1]])])
         thresholds = self.inflora_energy_thresholds[adapter_name]
-        self.inflora_energy_thresholds[adapter_name] = torch.cat([thresholds,
-                                                                  thresholds.new_tensor([energy_threshold])])
+        return {
+            "inflora_past_A": torch.cat([past_A, A.to(past_A.dtype)], dim=1).contiguous(),
+            "inflora_past_B": torch.cat([past_B, B.to(past_B.dtype)], dim=0).contiguous(),
+            "inflora_task_ranks": torch.cat([ranks, ranks.new_tensor([A.shape[1]])]),
+            "inflora_energy_thresholds": torch.cat([thresholds, thresholds.new_tensor([energy_threshold])]),
+        }
+
+    @torch.no_grad()
+    def commit_fold(self, adapter_name: str, folded: dict[str, torch.Tensor]) -> None:
+        """Install a :meth:`folded_state` (with ``fold="base"`` first adding ``A_t B_t`` into ``W``, the one step
+        that computes) and clear the branch."""
+        if self.fold[adapter_name] == "base":
+            self._add_to_base_weight(self.inflora_A[adapter_name].detach(), self.inflora_B[adapter_name], sign=1.0)
+        for attr, tensor in folded.items():
+            getattr(self, attr)[adapter_name] = tensor
         self.clear_branch(adapter_name)
 
     def _add_to_base_weight(self, A: torch.Tensor, B: torch.Tensor, sign: float) -> None:

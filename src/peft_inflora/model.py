@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from .bnb import prepare_quantized_model
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig
 from .dispatch import _check_target, _layer_class_for, _unsupported_module_error
+from .distributed import agree
 from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: importable from here, as before)
     StatisticsError,
     SubspaceExhaustedError,
@@ -156,7 +157,7 @@ class InfLoRAModel(BaseTuner):
         return layers
 
     def _statistics(self, adapter_name: str, layers: Mapping[str, InfLoRALayer], batches: Iterable,
-                    desc: str, progress: bool, exact: bool = False) -> list[InputGroup]:
+                    desc: str, progress: bool, exact: bool = False, step: Optional[str] = None) -> list[InputGroup]:
         """Statistics pass with the config's settings; with ``statistics_sketch`` each group's statistics are split by
         its current memory. ``exact=True`` keeps the exact covariance of every batch given, even when
         ``statistics_sketch`` or a token budget is set (the interference report needs ``X^T X`` of the data it is
@@ -170,7 +171,7 @@ class InfLoRAModel(BaseTuner):
                                   max_batches=None if exact else config.statistics_max_batches,
                                   max_tokens=None if exact else config.statistics_max_tokens, sketch=sketch,
                                   memories=memories,
-                                  desc=desc, progress=progress)
+                                  desc=desc, progress=progress, step=step)
 
     # ------------------------------------------------------------------ lifecycle
     def begin_task(self, batches: Iterable[Mapping[str, Any]], adapter_name: Optional[str] = None,
@@ -186,24 +187,27 @@ class InfLoRAModel(BaseTuner):
         Returns:
             The rank ``r_t`` given to each adapted layer (``r``, or fewer when the free subspace is smaller).
         """
-        name = self._resolve_adapter(adapter_name)
-        config = self.peft_config[name]
-        config._validate()  # fields may have been changed since the config was built
-        layers = self._checked_layers(name)
-        if self.task_in_progress(name):
-            raise TaskLifecycleError(
-                f"Task {self.tasks_done(name) + 1} of adapter '{name}' is already in progress: call "
-                "`end_task(batches)` to keep it or `abort_task()` to discard it before beginning another."
-            )
-        done = self.tasks_done(name)
-        if config.total_tasks is not None and done >= config.total_tasks:
-            raise TaskLifecycleError(
-                f"Adapter '{name}' has finished all total_tasks={config.total_tasks} tasks: raise `total_tasks` in "
-                "the config (it sets the energy-threshold schedule) to learn more."
-            )
-        groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: statistics", progress)
-
-        designs = design_groups(groups, layers, name, config, done)
+        with agree("begin_task (checks)"):  # every process refuses, or none
+            name = self._resolve_adapter(adapter_name)
+            config = self.peft_config[name]
+            config._validate()  # fields may have been changed since the config was built
+            layers = self._checked_layers(name)
+            if self.task_in_progress(name):
+                raise TaskLifecycleError(
+                    f"Task {self.tasks_done(name) + 1} of adapter '{name}' is already in progress: call "
+                    "`end_task(batches)` to keep it or `abort_task()` to discard it before beginning another."
+                )
+            done = self.tasks_done(name)
+            if config.total_tasks is not None and done >= config.total_tasks:
+                raise TaskLifecycleError(
+                    f"Adapter '{name}' has finished all total_tasks={config.total_tasks} tasks: raise `total_tasks` "
+                    "in the config (it sets the energy-threshold schedule) to learn more."
+                )
+        groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: statistics", progress,
+                                  step=f"begin_task of task {done + 1} (statistics pass)")
+        with agree(f"begin_task of task {done + 1} (design of B_t)"):  # compute on every process, then agree
+            designs = design_groups(groups, layers, name, config, done)
+        # commit: reached by every process or by none
         if config.inference_mode:
             # loaded without is_trainable=True: learning a new task makes the adapter trainable again
             config.inference_mode = False
@@ -222,28 +226,34 @@ class InfLoRAModel(BaseTuner):
         Returns:
             The memory dimension of each adapted layer after the update.
         """
-        name = self._resolve_adapter(adapter_name)
-        config = self.peft_config[name]
-        config._validate()  # fields may have been changed since the config was built
-        layers = self._checked_layers(name)
-        if not self.task_in_progress(name):
-            raise TaskLifecycleError(
-                f"No task of adapter '{name}' is in progress: call `begin_task(batches)` before training and "
-                "`end_task(batches)` after it."
-            )
-        diverged = [n for n, layer in layers.items() if not torch.isfinite(layer.inflora_A[name].detach()).all()]
-        if diverged:
-            raise ValueError(
-                f"The trained A_t of {len(diverged)} layer(s), e.g. '{diverged[0]}', holds NaN or inf: training "
-                "diverged. Call `abort_task()` to discard the branch and train the task again from `begin_task` with "
-                "a smaller learning rate (or gradient clipping). Nothing was changed."
-            )
-        done = self.tasks_done(name)
-        groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: memory", progress)
-        memories, used = update_group_memories(groups, layers, name, config, done)
+        with agree("end_task (checks)"):  # every process refuses, or none
+            name = self._resolve_adapter(adapter_name)
+            config = self.peft_config[name]
+            config._validate()  # fields may have been changed since the config was built
+            layers = self._checked_layers(name)
+            if not self.task_in_progress(name):
+                raise TaskLifecycleError(
+                    f"No task of adapter '{name}' is in progress: call `begin_task(batches)` before training and "
+                    "`end_task(batches)` after it."
+                )
+            diverged = [n for n, layer in layers.items()
+                        if not torch.isfinite(layer.inflora_A[name].detach()).all()]
+            if diverged:
+                raise ValueError(
+                    f"The trained A_t of {len(diverged)} layer(s), e.g. '{diverged[0]}', holds NaN or inf: training "
+                    "diverged. Call `abort_task()` to discard the branch and train the task again from `begin_task` "
+                    "with a smaller learning rate (or gradient clipping). Nothing was changed."
+                )
+            done = self.tasks_done(name)
+        groups = self._statistics(name, layers, batches, f"InfLoRA task {done + 1}: memory", progress,
+                                  step=f"end_task of task {done + 1} (statistics pass)")
+        with agree(f"end_task of task {done + 1} (memory update and fold)"):  # compute everything, then agree
+            memories, used = update_group_memories(groups, layers, name, config, done)
+            folded = {n: layer.folded_state(name, energy_threshold=used[n]) for n, layer in layers.items()}
+        # commit: reached by every process or by none
         for n, layer in layers.items():
             layer.set_memory(name, memories[n])
-            layer.fold_task(name, energy_threshold=used[n])
+            layer.commit_fold(name, folded[n])
         return {n: m.dimension for n, m in memories.items()}
 
     def abort_task(self, adapter_name: Optional[str] = None) -> None:

@@ -27,7 +27,7 @@ own order otherwise (a shuffled DataLoader, as the ContinualTrainer passes, is a
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distributed import check_adapter_not_sharded, reshard_fsdp_modules, world_size
+from .distributed import agree, check_adapter_not_sharded, check_agreement, reshard_fsdp_modules
 from .errors import StatisticsError
 from .subspace import CovarianceAccumulator, SketchAccumulator, uses_sketch
 
@@ -224,15 +224,20 @@ def _sampling_order(batches: Iterable, max_tokens: Union[int, str, None], seed: 
 _END = object()  # end of a statistics pass's batches
 
 
-def _stop_together(stop: bool, device: torch.device) -> bool:
-    """``stop`` on any process means stop on every process (one all-reduce of a flag; no-op without
-    torch.distributed), so every process runs the same number of forwards: under FSDP each forward is a collective,
+def _next_batch(ordered: Iterator) -> tuple[object, Optional[Exception]]:
+    """The next batch (``_END`` when there is none) and the error the loader raised instead, if any."""
+    try:
+        return next(ordered, _END), None
+    except Exception as err:  # a failing loader on one process: agreed on like a failing batch
+        return _END, err
+
+
+def _stop_together(stop: bool, error: Optional[Exception], step: str) -> bool:
+    """``stop`` on any process means stop on every process, and a failed batch on any process means every process
+    raises (:func:`~peft_inflora.distributed.check_agreement`: one all-reduce per batch; no-op without
+    torch.distributed). So every process runs the same number of forwards: under FSDP each forward is a collective,
     and a process that ran one more than the others would wait for them forever."""
-    if world_size() > 1:
-        flag = torch.tensor(float(stop), device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
-    return stop
+    return check_agreement(step, error, stop=stop)
 
 
 @torch.no_grad()
@@ -240,7 +245,8 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                        dtype: torch.dtype = torch.float64, share_inputs: bool = True,
                        max_batches: Optional[int] = None, max_tokens: Union[int, str, None] = None,
                        sketch: Optional[int] = None, memories: Optional[Mapping[str, object]] = None,
-                       desc: str = "InfLoRA statistics", progress: bool = True) -> list[InputGroup]:
+                       desc: str = "InfLoRA statistics", progress: bool = True,
+                       step: Optional[str] = None) -> list[InputGroup]:
     """Run ``model`` in eval mode under no_grad over ``batches`` and return the input groups with their summed
     statistics (all-reduced across processes). The model's train/eval mode is restored; nothing else changes.
 
@@ -254,13 +260,19 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
     instead of the exact covariance (:func:`make_accumulator`), split by ``memories[leader]`` (the memory of the
     group's first layer, a :class:`~peft_inflora.subspace.Memory`) when given: the design and memory update must then
     run with that memory.
+
+    ``step``: the name of the pass in the :class:`~peft_inflora.errors.DistributedStepError` the other processes raise
+    when one process fails (a bad batch, a failing loader, a layer its batches never reach, NaN or inf in its
+    statistics); default ``desc``. Every process then raises before the statistics are all-reduced.
     """
-    if max_tokens is not None:
-        token_budget(max_tokens, 1)  # validate before running anything
-    check_adapter_not_sharded(layers)  # FSDP must leave A_t whole: begin_task / end_task replace it
-    if isinstance(batches, Mapping):
-        raise StatisticsError("`batches` is a single batch (a dict): pass an iterable of batches, e.g. [batch] or a "
-                              "DataLoader.")
+    step = step or desc
+    with agree(step):  # validate before running anything, on every process
+        if max_tokens is not None:
+            token_budget(max_tokens, 1)
+        check_adapter_not_sharded(layers)  # FSDP must leave A_t whole: begin_task / end_task replace it
+        if isinstance(batches, Mapping):
+            raise StatisticsError("`batches` is a single batch (a dict): pass an iterable of batches, e.g. [batch] "
+                                  "or a DataLoader.")
     auto_cap = auto_batch_limit(max_tokens, batches)
     if auto_cap is not None:
         max_batches = auto_cap if max_batches is None else min(max_batches, auto_cap)
@@ -276,52 +288,40 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
             total = min(len(batches), max_batches) if hasattr(batches, "__len__") and max_batches else None
             if total is None and hasattr(batches, "__len__"):
                 total = len(batches)
-            ordered = iter(_sampling_order(batches, max_tokens))
             with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
-                batch = next(ordered, _END)
-                while not _stop_together(batch is _END, device):
-                    if not isinstance(batch, Mapping):
-                        raise StatisticsError(
-                            f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
-                            f"{type(batch).__name__}."
-                        )
-                    batch = _to_device(batch, device)
-                    masks = batch_token_masks(batch, is_encoder_decoder)
-                    if not is_encoder_decoder:
-                        # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
-                        batch = {k: v for k, v in batch.items() if k != "labels"}
-                    collector.start_batch(masks)
+                try:
+                    ordered = iter(_sampling_order(batches, max_tokens))
+                    batch, error = _next_batch(ordered)
+                except Exception as err:  # the loader could not start on this process
+                    batch, error = _END, err
+                while not _stop_together(batch is _END, error, step):
                     try:
-                        model(**batch)
-                    except StatisticsError:
-                        raise
-                    except Exception as err:  # the batch does not fit the model
-                        hint = f"Each batch must hold the inputs the model's forward needs (got keys {sorted(batch)})."
-                        if "DTensor" in str(err):
-                            hint = ("Some parameters are still sharded: with FSDP2 apply `fully_shard` to "
-                                    "`peft_model.base_model.model` (the model this pass calls) as the root, not to "
-                                    "the PeftModel, whose forward hooks this pass does not run.")
-                        raise StatisticsError(
-                            f"The model could not run on a statistics batch ({type(err).__name__}: {err}). {hint}"
-                        ) from err
+                        _run_batch(model, collector, batch, device, is_encoder_decoder)
+                    except Exception as err:  # every process raises at the next agreement, none waits
+                        batch, error = _END, err
+                        continue
                     n_batches += 1
                     bar.update()
                     done = (max_batches is not None and n_batches >= max_batches) or _budget_reached(
                         collector.groups, max_tokens)
-                    batch = _END if done else next(ordered, _END)
+                    batch, error = (_END, None) if done else _next_batch(ordered)
     finally:
         model.train(was_training)
         reshard_fsdp_modules(model)  # FSDP2 keeps the root unsharded after a forward: hand back sharded params
     if n_batches == 0:
         raise StatisticsError("`batches` is empty: the statistics pass needs at least one batch of the task's data.")
     groups = [collector.groups[k] for k in sorted(collector.groups)]
-    missing = set(layers) - set(collector.leader_of)
-    if missing:
-        raise StatisticsError(
-            f"{len(missing)} adapted layer(s) never ran during the statistics pass (e.g. {sorted(missing)[0]}): "
-            "the batches must exercise every adapted layer (for encoder-decoder models include labels or "
-            "decoder_input_ids)."
-        )
+    with agree(step):  # local checks before the all-reduce: a process with other groups or NaN must not join it
+        missing = set(layers) - set(collector.leader_of)
+        if missing:
+            raise StatisticsError(
+                f"{len(missing)} adapted layer(s) never ran during the statistics pass (e.g. {sorted(missing)[0]}): "
+                "the batches must exercise every adapted layer (for encoder-decoder models include labels or "
+                "decoder_input_ids)."
+            )
+        for group in groups:
+            if not group.accumulator.is_finite():
+                raise _non_finite_error(group.leader)
     for group in groups:
         group.accumulator.all_reduce()
         if group.accumulator.count.item() == 0:
@@ -329,9 +329,42 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                 f"No non-padding tokens reached layer '{group.leader}': every token was masked by the attention "
                 "mask. Check the batches' attention_mask."
             )
-        if not group.accumulator.is_finite():
-            raise StatisticsError(
-                f"The input statistics of layer '{group.leader}' contain NaN or inf: the model produced non-finite "
-                "activations on these batches (check the data, or load the model in a wider dtype)."
-            )
+        if not group.accumulator.is_finite():  # finite on every process, but the sum overflowed
+            raise _non_finite_error(group.leader)
     return groups
+
+
+def _non_finite_error(leader: str) -> StatisticsError:
+    return StatisticsError(
+        f"The input statistics of layer '{leader}' contain NaN or inf: the model produced non-finite "
+        "activations on these batches (check the data, or load the model in a wider dtype)."
+    )
+
+
+def _run_batch(model: nn.Module, collector: InputStatisticsCollector, batch, device: torch.device,
+               is_encoder_decoder: bool) -> None:
+    """One forward of the statistics pass, its inputs' statistics added to ``collector``."""
+    if not isinstance(batch, Mapping):
+        raise StatisticsError(
+            f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
+            f"{type(batch).__name__}."
+        )
+    batch = _to_device(batch, device)
+    masks = batch_token_masks(batch, is_encoder_decoder)
+    if not is_encoder_decoder:
+        # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
+        batch = {k: v for k, v in batch.items() if k != "labels"}
+    collector.start_batch(masks)
+    try:
+        model(**batch)
+    except StatisticsError:
+        raise
+    except Exception as err:  # the batch does not fit the model
+        hint = f"Each batch must hold the inputs the model's forward needs (got keys {sorted(batch)})."
+        if "DTensor" in str(err):
+            hint = ("Some parameters are still sharded: with FSDP2 apply `fully_shard` to "
+                    "`peft_model.base_model.model` (the model this pass calls) as the root, not to "
+                    "the PeftModel, whose forward hooks this pass does not run.")
+        raise StatisticsError(
+            f"The model could not run on a statistics batch ({type(err).__name__}: {err}). {hint}"
+        ) from err
