@@ -1,6 +1,11 @@
 """Entry point of the sharded ContinualTrainer tests: ``torchrun --nproc_per_node 2 trainer_sharded_worker.py MODE
 OUT``, or ``python trainer_sharded_worker.py single OUT`` for the one-process reference (no wrapper).
 
+MODE ``fsdp2``: the model sharded with ``fully_shard`` before the trainer (each encoder block, then the transformers
+model as the root), leaving out ``peft_inflora.continual.sharding.replicated_parameters`` (A_t, the head); DDP
+arguments (``ddp_backend="gloo"``), no ``fsdp=`` (Accelerate enables FSDP only on GPUs). Then a second model whose
+wrap shards the head too must be refused (``head_sharded`` in the result).
+
 MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepspeed=<config>)`` (DeepSpeed's CPU
 accelerator, gloo). Accelerate starts DeepSpeed without a communication backend when no GPU is present, so it would
 count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
@@ -23,13 +28,15 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+
 sys.path.insert(0, os.path.dirname(__file__))
+import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 
-import peft.peft_model  # noqa: E402
 from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
 
-MODES = ("single", "zero2", "zero3", "fsdp2", "fsdp2-head-sharded")
+
+MODES = ("single", "zero2", "zero3", "fsdp2")
 SEQUENCE = (2, 3)
 
 
@@ -61,7 +68,8 @@ def fsdp2_wrap(model, ignore_head: bool = True) -> None:
     from peft_inflora.continual.sharding import replicated_parameters
     from peft_inflora.distributed import adapter_parameters
 
-    torch.distributed.init_process_group("gloo")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     ignored = replicated_parameters(model) if ignore_head else set(adapter_parameters(model))
     for block in model.base_model.model.bert.encoder.layer:
@@ -78,7 +86,7 @@ def main(mode: str, out: str) -> None:
     extra = {}
     model = inflora_bert(statistics_max_tokens=None)
     if mode.startswith("fsdp2"):
-        fsdp2_wrap(model, ignore_head=mode == "fsdp2")
+        fsdp2_wrap(model)
         extra = dict(ddp_backend="gloo")
     elif mode != "single":
         from accelerate import PartialState
@@ -87,9 +95,12 @@ def main(mode: str, out: str) -> None:
         PartialState(backend="gloo")
         extra = dict(use_cpu=False, deepspeed=deepspeed_config(int(mode[-1])),
                      accelerator_config={"use_configured_state": True})
-    # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
-    args = training_args(os.path.join(out, "run"), num_train_epochs=2, per_device_train_batch_size=8 // world,
-                         weight_decay=0.1, **extra)
+
+    def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
+        return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
+                             weight_decay=0.1, **extra)
+
+    args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
     trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks)
 
@@ -109,6 +120,16 @@ def main(mode: str, out: str) -> None:
                   "task_in_progress": model.task_in_progress()}
     finally:
         peft.peft_model.safe_save_file = real_save_file
+    if mode == "fsdp2":  # a wrap that shards the head too: refused before anything changes
+        other = inflora_bert(statistics_max_tokens=None)
+        fsdp2_wrap(other, ignore_head=False)
+        refused = ContinualTrainer(model=other, args=make_args("refused"))
+        try:
+            refused.train_continual(tasks(SEQUENCE))
+            record["head_sharded"] = {"error": None}
+        except Exception as err:
+            record["head_sharded"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": other.tasks_done(),
+                                      "task_in_progress": other.task_in_progress()}
     with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
         json.dump(record, f)
     with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:

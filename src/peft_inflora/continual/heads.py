@@ -24,7 +24,8 @@ from .arguments import ContinualTask
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
 
 __all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "RestoreFrozenHeadRows", "check_local_labels",
-           "class_ranges", "ensure_head_size", "find_head", "grow_linear", "new_head_row", "num_task_classes", "to_global_labels"]
+           "class_ranges", "ensure_head_size", "find_head", "grow_linear", "new_head_row", "num_task_classes",
+           "to_global_labels"]
 
 
 def label_column(dataset: Any) -> Optional[str]:
