@@ -87,6 +87,9 @@ def _assert_like_one_process(two: Path, one: Path, head_atol: float) -> None:
         == _record(one, 0)["accuracy_matrix"]
     assert json.loads((two / "saves-rank0.json").read_text()) == ["adapter_model.safetensors"] * 2
     assert json.loads((two / "saves-rank1.json").read_text()) == []
+    first = load_file(two / "run" / "continual" / "after-task-01" / "adapter_model.safetensors")
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    assert torch.equal(r0[head][:2], first["base_model.model.classifier.weight"])  # task 1's rows frozen bit for bit
     saved = load_file(two / "run" / "continual" / "after-task-02" / "adapter_model.safetensors")
     final = {k.replace(".default", "").replace("modules_to_save.", ""): v for k, v in r0.items()}
     assert any("inflora_memory" in k for k in saved)

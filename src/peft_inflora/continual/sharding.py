@@ -82,6 +82,12 @@ def check_sharding(trainer: Any, model: PeftModel) -> None:
             "ignored_params=ps)` with `ps = peft_inflora.continual.sharding.replicated_parameters(peft_model)` (see "
             "docs/distributed.md). Nothing was trained.")
     if is_fsdp2_sharded(model):
+        args = trainer.args
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not args.save_only_model:
+            raise ValueError(
+                "With a model sharded by FSDP2 the Trainer's own mid-task checkpoints cannot be resumed (as for a "
+                "model sharded at load time): set save_strategy='no' (the continual/after-task-NN checkpoints are the "
+                "resume points) or save_only_model=True. Nothing was trained.")
         sharded = _sharded_names(model, replicated_parameters(model))
         if sharded:
             raise ValueError(
