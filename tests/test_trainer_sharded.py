@@ -107,6 +107,9 @@ def test_model_sharded_with_fsdp2_trains_like_one_process(tmp_path, one_process)
         refused = _record(tmp_path, rank)["head_sharded"]
         assert refused["error"].startswith("ValueError") and "replicated_parameters" in refused["error"], refused
         assert refused["tasks_done"] == 0 and refused["task_in_progress"] is False
+        steps = _record(tmp_path, rank)["save_steps"]  # Trainer checkpoints of a sharded model: refused
+        assert steps["error"].startswith("ValueError") and "save_strategy='no'" in steps["error"], steps
+        assert steps["tasks_done"] == 2
     assert not (tmp_path / "refused" / "continual").exists()
 
 

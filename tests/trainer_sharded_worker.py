@@ -4,7 +4,8 @@ OUT``, or ``python trainer_sharded_worker.py single OUT`` for the one-process re
 MODE ``fsdp2``: the model sharded with ``fully_shard`` before the trainer (each encoder block, then the transformers
 model as the root), leaving out ``peft_inflora.continual.sharding.replicated_parameters`` (A_t, the head); DDP
 arguments (``ddp_backend="gloo"``), no ``fsdp=`` (Accelerate enables FSDP only on GPUs). Then a second model whose
-wrap shards the head too must be refused (``head_sharded`` in the result).
+wrap shards the head too must be refused (``head_sharded`` in the result), and so must the trained model with the
+Trainer's own mid-task checkpoints (``save_steps``).
 
 MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepspeed=<config>)`` (DeepSpeed's CPU
 accelerator, gloo). Accelerate starts DeepSpeed without a communication backend when no GPU is present, so it would
@@ -130,6 +131,13 @@ def main(mode: str, out: str) -> None:
         except Exception as err:
             record["head_sharded"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": other.tasks_done(),
                                       "task_in_progress": other.task_in_progress()}
+        steps = ContinualTrainer(model=model, args=training_args(os.path.join(out, "refused"), save_strategy="steps",
+                                                                 **extra))
+        try:  # the Trainer's mid-task checkpoints of a sharded model cannot be resumed: refused
+            steps.train_task(tasks((2, 3, 2))[2])
+            record["save_steps"] = {"error": None}
+        except Exception as err:
+            record["save_steps"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done()}
     with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
         json.dump(record, f)
     with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
