@@ -63,7 +63,10 @@ def _sharded_names(model: nn.Module, params: set[nn.Parameter]) -> list[str]:
 
 def check_sharding(trainer: Any, model: PeftModel) -> None:
     """Refuse, before anything changes, the sharding set-ups the continual loop cannot follow (see the module
-    docstring); ``trainer`` is the continual trainer, ``model`` its unwrapped PeftModel."""
+    docstring); ``trainer`` is the continual trainer, ``model`` its unwrapped PeftModel. A baseline (another PEFT
+    method) in the generation setting replaces no parameter, so nothing is refused for it."""
+    if not trainer.is_inflora and trainer.args.setting == "generation":
+        return
     if getattr(trainer, "is_deepspeed_enabled", False) and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
         raise ValueError(
             "The continual trainers do not run under DeepSpeed ZeRO-3: ZeRO-3 partitions every parameter, InfLoRA's "
