@@ -112,7 +112,7 @@ def run(method: str, args: DemoArguments, training: ContinualTrainingArguments, 
     result = trainer.train_continual(tasks)
     result.extra.update(method=method, seconds=time.perf_counter() - t0)
     result.to_json(out_dir / "continual_result.json")
-    model.save_pretrained(out_dir / "adapter")
+    trainer.save_model(str(out_dir / "adapter"))  # adapter with memory, tokenizer, result, plots, model card
     return result
 
 

@@ -39,7 +39,7 @@ def torch_seed():
     torch.manual_seed(SEED)
     try:
         import numpy
-    except ImportError:  # numpy is in the `test` extra but not a dependency of the package
+    except ImportError:  # numpy is a dependency of the application, not of the method
         pass
     else:
         numpy.random.seed(SEED)

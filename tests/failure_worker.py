@@ -9,6 +9,9 @@ records what it raised, how long the step took, whether its state (the whole ``s
 (one all-reduce that only adds up when no collective was left over). Cases end with one that succeeds, so the
 failures are shown not to have broken anything for the steps after them.
 
+The ``fsdp2_*`` cases run the same steps on a second copy wrapped with FSDP2 (``fully_shard``, the InfLoRA
+parameters left out), whose forwards are collectives.
+
 Written to OUT: ``rank{r}.json``, ``{case: record}`` in the order run; ``adapter/`` (the final, successful save).
 """
 
@@ -29,6 +32,7 @@ import peft_inflora.lifecycle
 from peft_inflora import InfLoRAConfig, InfLoRAModel
 from peft_inflora.distributed import save_adapter
 from peft_inflora.layer import InfLoRALayer
+
 
 D, TOKENS = 8, 6
 GLOO_TIMEOUT_S = 20
@@ -61,7 +65,8 @@ class FailingLoader:
 
 
 def snapshot(model) -> dict:
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (an FSDP2 shard: this part)
+    return {"state": {k: local(v.detach()).clone() for k, v in model.state_dict().items()},
             "tasks_done": model.tasks_done(), "task_in_progress": model.task_in_progress()}
 
 
@@ -124,11 +129,22 @@ def main(out: str) -> None:
     blocker = os.path.join(out, f"blocker-rank{rank}")
     open(blocker, "w").close()  # a file: no folder can be made under it
 
-    def begin(batches=None):
-        return lambda: model.begin_task(batches if batches is not None else data, progress=False)
+    # the same model under FSDP2: the transformers-side model is the root, the InfLoRA parameters left out
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    def end(batches=None):
-        return lambda: model.end_task(batches if batches is not None else data, progress=False)
+    torch.manual_seed(0)
+    sharded = get_peft_model(Net(), InfLoRAConfig(r=2, target_modules=["lin1", "lin2"], statistics_max_tokens=None))
+    fully_shard(sharded.base_model.model, mesh=init_device_mesh("cpu", (torch.distributed.get_world_size(),)),
+                ignored_params=set(peft_inflora.distributed.adapter_parameters(sharded)))
+
+    def begin(batches=None, on=None):
+        on = model if on is None else on
+        return lambda: on.begin_task(batches if batches is not None else data, progress=False)
+
+    def end(batches=None, on=None):
+        on = model if on is None else on
+        return lambda: on.end_task(batches if batches is not None else data, progress=False)
 
     def train_identically():
         """Stand-in for training: the same non-zero A_t on both processes (as DDP keeps them)."""
@@ -190,12 +206,18 @@ def main(out: str) -> None:
                raise_on(rank, 1, RuntimeError("injected: gathering the state failed"))), None),
         ("save_ok", None, None, lambda: save_adapter(model, os.path.join(out, "adapter")), None, None),
         ("begin_after_all", None, None, begin(), None, None),
+        # under FSDP2 every forward all-gathers the root's shards: a bad batch must stop every process before it
+        ("fsdp2_begin_bad_batch", 1, None, begin(data[:1] + [None] if rank == 1 else None, on=sharded), None, None),
+        ("fsdp2_begin_ok", None, None, begin(on=sharded), None, None),
+        ("fsdp2_end_nonfinite_shard", 1, None, end(nan_batches() if rank == 1 else None, on=sharded), None, None),
+        ("fsdp2_end_ok", None, None, end(on=sharded), None, None),
     ]
     records = {}
     for index, (name, faulty, setup, step, patch, teardown) in enumerate(cases):
+        target = sharded if name.startswith("fsdp2") else model
         if setup is not None:
             setup()
-        before = snapshot(model)
+        before = snapshot(target)
         start = time.monotonic()
         error = None
         try:
@@ -213,9 +235,9 @@ def main(out: str) -> None:
             "error": None if error is None else str(error),
             "step": getattr(error, "step", None),
             "failed_ranks": list(getattr(error, "failed_ranks", ())),
-            "unchanged": unchanged(model, before),
-            "tasks_done": model.tasks_done(),
-            "task_in_progress": model.task_in_progress(),
+            "unchanged": unchanged(target, before),
+            "tasks_done": target.tasks_done(),
+            "task_in_progress": target.task_in_progress(),
             "elapsed_s": elapsed,
             "in_sync": in_sync(index),
         }

@@ -105,3 +105,12 @@ def test_bench_long_sequence_quick(tmp_path):
     assert "| heads only | 3 |" in (tmp_path / "long_sequence_quick.md").read_text()
     for plot in ("long_sequence_quick_accuracy.png", "long_sequence_quick_free_dimension.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_adapter_size_quick(tmp_path):
+    result = load("adapter_size").main(["--quick", "--out", str(tmp_path)])
+    for T, row in result["minilm"]["inflora"].items():
+        files = {layout: parts["file"] for layout, parts in row["layouts"].items()}
+        assert files["shared + bf16 memory"] < files["shared"] < files["per-layer"], T
+    assert all(row["equal"] for row in result["stack_check"])  # the analytic formula is the file's tensor bytes
+    assert all(x["gap_within_bound"] for rows in result["minilm"]["leakage"].values() for x in rows.values())

@@ -43,6 +43,7 @@ DEFAULTS = {
     "statistics_max_tokens": "auto",
     "statistics_dtype": "float64",
     "statistics_sketch": None,
+    "memory_storage_dtype": "float32",
     "share_input_statistics": True,
     "solver": "auto",
     "random_seed": 0,

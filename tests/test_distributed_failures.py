@@ -24,6 +24,7 @@ from failure_worker import GLOO_TIMEOUT_S
 from peft_inflora import DistributedStepError
 from peft_inflora.distributed import agree, check_agreement
 
+
 HERE = Path(__file__).parent
 
 # case -> (the failing rank, what it raises, words in its error, the step the other process's error names)
@@ -40,9 +41,12 @@ FAILURES = {
     "end_diverged_a": (1, "ValueError", "training diverged", "end_task (checks)"),
     "save_unwritable": (0, "NotADirectoryError", "Not a directory", "save_adapter (process 0 writing the files)"),
     "save_gather": (1, "RuntimeError", "gathering the state failed", "save_adapter (gathering the state)"),
+    "fsdp2_begin_bad_batch": (1, "StatisticsError", "must be a dict", "begin_task of task 1 (statistics pass)"),
+    "fsdp2_end_nonfinite_shard": (1, "StatisticsError", "NaN or inf", "end_task of task 1 (statistics pass)"),
 }
 # successful steps between the failures: (tasks_done, task_in_progress) after each
-SUCCESSES = {"begin_ok": (0, True), "end_ok": (1, False), "save_ok": (1, False), "begin_after_all": (1, True)}
+SUCCESSES = {"begin_ok": (0, True), "end_ok": (1, False), "save_ok": (1, False), "begin_after_all": (1, True),
+             "fsdp2_begin_ok": (0, True), "fsdp2_end_ok": (1, False)}
 
 
 def _free_port() -> int:

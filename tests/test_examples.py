@@ -45,6 +45,9 @@ def test_the_text_demo_learns_four_tasks_with_inflora_and_the_lora_baseline(tmp_
     assert result["task_names"] == ["news_a", "news_b", "subjectivity", "party"]
     assert len(result["accuracy_matrix"]) == 4
     assert (tmp_path / "inflora" / "adapter" / "adapter_model.safetensors").is_file()
+    card = (tmp_path / "inflora" / "adapter" / "README.md").read_text()  # the continual card, not PEFT's template
+    assert "[More Information Needed]" not in card and "| `news_a` |" in card and "## Capacity left per layer" in card
+    assert "tokenizer.json" in {p.name for p in (tmp_path / "inflora" / "adapter").iterdir()}
     table = (tmp_path / "comparison.md").read_text()
     assert "InfLoRA" in table and "sequential LoRA" in table
 

@@ -83,7 +83,7 @@ class FakeHub:
         shutil.copytree(source, target)
 
     def upload_folder(self, api, *, repo_id, folder_path, revision=None, allow_patterns=None, ignore_patterns=None,
-                      commit_message=None, run_as_future=False, **kwargs):
+                      commit_message=None, run_as_future=False, path_in_repo=None, **kwargs):
         assert not run_as_future
         target = self.folder(repo_id, revision)
         if not target.is_dir():  # the Hub does not create branches on upload
@@ -94,10 +94,11 @@ class FakeHub:
         source = Path(folder_path)
         paths = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
         selected = list(filter_repo_objects(paths, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        prefix = f"{path_in_repo.strip('/')}/" if path_in_repo else ""
         for path in selected:
-            (target / path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(source / path, target / path)
-        self.calls.append(("upload", repo_id, revision or "main", selected))
+            (target / prefix / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / path, target / prefix / path)
+        self.calls.append(("upload", repo_id, revision or "main", [prefix + p for p in selected]))
         oid = hashlib.sha1(repr(len(self.calls)).encode()).hexdigest()
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{oid}", commit_message=commit_message,
                           commit_description="", oid=oid)
@@ -174,6 +175,8 @@ class RecordAfterTask(ContinualCallback):
 
 
 def hub_args(out, repo_id, **overrides) -> TrainingArguments:
+    """Only the per-task branches and the final main push: hub_strategy="end" (test_hub_strategy covers the others)."""
+    overrides.setdefault("hub_strategy", "end")
     return training_args(out, num_train_epochs=1, push_to_hub=True, hub_model_id=repo_id, **overrides)
 
 

@@ -63,11 +63,12 @@ def test_every_continual_option_parses_with_hf_argument_parser_and_shows_in_help
     (args,) = parser.parse_args_into_dataclasses(args=[
         "--output_dir", str(tmp_path), "--setting", "task_incremental", "--loss_classes", "seen",
         "--generation_max_new_tokens", "7", "--eval_prompt_column", "question", "--eval_answer_column", "gold",
-        "--push_to_hub", "--hub_model_id", "me/x", "--push_task_revisions", "--task_revision_base", "dev"])
+        "--push_to_hub", "--hub_model_id", "me/x", "--push_task_revisions", "--task_revision_base", "dev",
+        "--eval_metric", "rouge", "--eval_metric_key", "rougeL"])
     assert args.continual_dict() == {"setting": "task_incremental", "loss_classes": "seen",
                                      "generation_max_new_tokens": 7, "eval_prompt_column": "question",
-                                     "eval_answer_column": "gold", "push_task_revisions": True,
-                                     "task_revision_base": "dev"}
+                                     "eval_answer_column": "gold", "eval_metric": "rouge", "eval_metric_key": "rougeL",
+                                     "push_task_revisions": True, "task_revision_base": "dev"}
     assert json.loads(args.to_json_string())["setting"] == "task_incremental"  # saved by the Trainer's own files
     with pytest.raises(SystemExit):  # argparse knows the choices
         parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--setting", "SEQ_CLS"])

@@ -48,6 +48,7 @@ _CONTINUAL_NAMES = (
     "ContinualTrainer",
     "ContinualTrainingArguments",
     "HubPushError",
+    "TaskMetric",
     "compare_table",
     "task_revision_name",
     "task_revisions",

@@ -120,6 +120,13 @@ class InfLoRAConfig(PeftConfig):
             (16 MiB per group at d_in = 4096). Must be at least `r` (and every `rank_pattern` rank). The
             interference report keeps the exact statistics. Accuracy against the exact mode:
             `peft_inflora.subspace.sketch`.
+        memory_storage_dtype (`str`, *optional*, defaults to `"float32"`):
+            Precision of the memory basis in the saved adapter: `"float32"` (exact), `"bfloat16"` or `"float16"`
+            (half the memory's bytes). A 16-bit basis is re-orthonormalised on load (QR in float64, then float32);
+            the loaded subspace then differs from the saved one by at most `peft_inflora.storage.
+            subspace_error_bound` (about `2^-8 sqrt(k)` for bf16 and k stored columns), which is also the most the
+            leakage of the next task's design into old inputs can grow. The model's outputs are unaffected; the
+            model in memory keeps its float32 basis until it is reloaded. See docs/adapter-size.md.
         share_input_statistics (`bool`, *optional*, defaults to `True`):
             Compute one covariance (and design) for targeted layers that read the same input tensor, e.g. the key and
             value projections of one attention block. Saves memory and time; results are the same.
@@ -298,6 +305,15 @@ class InfLoRAConfig(PeftConfig):
             "help": (
                 "Bounded-memory statistics: an int ell keeps a Frequent Directions sketch (2 ell x d_in) per input "
                 "group wider than 2 ell instead of the d_in x d_in covariance; 'auto': ell = 256; None: exact."
+            )
+        },
+    )
+    memory_storage_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": (
+                "Precision the memory basis is saved in: 'float32' (exact), 'bfloat16' or 'float16' (half the bytes; "
+                "re-orthonormalised on load, the next designs may then leak slightly into old inputs)."
             )
         },
     )

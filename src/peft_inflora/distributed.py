@@ -44,6 +44,7 @@ from torch import nn
 
 from .errors import DistributedStepError, ShardedAdapterError
 
+
 try:  # torch >= 2.4 (public DTensor); older torch has no FSDP2
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - depends on the torch build

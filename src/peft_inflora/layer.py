@@ -38,6 +38,7 @@ from torch import nn
 from .errors import NoTaskInProgressError
 from .subspace import Memory
 
+
 MEMORY_FORM_CODES = {"basis": 0, "complement": 1}
 MEMORY_FORM_NAMES = {code: name for name, code in MEMORY_FORM_CODES.items()}
 

@@ -39,6 +39,7 @@ from .distributed import agree, check_adapter_not_sharded, check_agreement, resh
 from .errors import StatisticsError
 from .subspace import CovarianceAccumulator, SketchAccumulator, uses_sketch
 
+
 CROSS_ATTENTION_MARKERS = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 AUTO_TOKENS_PER_FEATURE = 16
 """``max_tokens="auto"``: a pass reads batches until every input group has seen 16 tokens per input feature (6144
@@ -224,11 +225,26 @@ def _sampling_order(batches: Iterable, max_tokens: Union[int, str, None], seed: 
 _END = object()  # end of a statistics pass's batches
 
 
-def _next_batch(ordered: Iterator) -> tuple[object, Optional[Exception]]:
-    """The next batch (``_END`` when there is none) and the error the loader raised instead, if any."""
+def _next_batch(ordered: Iterator, device: torch.device,
+                is_encoder_decoder: bool) -> tuple[object, Optional[Exception]]:
+    """The next batch, checked and ready for the forward (``(inputs, masks)``; ``_END`` when there is none), and the
+    error raised instead (a failing loader, a batch that is not a dict), if any."""
     try:
-        return next(ordered, _END), None
-    except Exception as err:  # a failing loader on one process: agreed on like a failing batch
+        batch = next(ordered, _END)
+        if batch is _END:
+            return _END, None
+        if not isinstance(batch, Mapping):
+            raise StatisticsError(
+                f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
+                f"{type(batch).__name__}."
+            )
+        batch = _to_device(batch, device)
+        masks = batch_token_masks(batch, is_encoder_decoder)
+        if not is_encoder_decoder:
+            # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
+            batch = {k: v for k, v in batch.items() if k != "labels"}
+        return (batch, masks), None
+    except Exception as err:  # agreed on like a failing forward
         return _END, err
 
 
@@ -291,12 +307,14 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
             with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
                 try:
                     ordered = iter(_sampling_order(batches, max_tokens))
-                    batch, error = _next_batch(ordered)
+                    batch, error = _next_batch(ordered, device, is_encoder_decoder)
                 except Exception as err:  # the loader could not start on this process
                     batch, error = _END, err
+                # a batch is fetched and checked before the processes agree to run it: under FSDP the forward is
+                # a collective, which a process whose batch failed must not leave the others waiting in
                 while not _stop_together(batch is _END, error, step):
                     try:
-                        _run_batch(model, collector, batch, device, is_encoder_decoder)
+                        _forward(model, collector, *batch)
                     except Exception as err:  # every process raises at the next agreement, none waits
                         batch, error = _END, err
                         continue
@@ -304,7 +322,7 @@ def collect_statistics(model: nn.Module, layers: Mapping[str, nn.Module], batche
                     bar.update()
                     done = (max_batches is not None and n_batches >= max_batches) or _budget_reached(
                         collector.groups, max_tokens)
-                    batch, error = (_END, None) if done else _next_batch(ordered)
+                    batch, error = (_END, None) if done else _next_batch(ordered, device, is_encoder_decoder)
     finally:
         model.train(was_training)
         reshard_fsdp_modules(model)  # FSDP2 keeps the root unsharded after a forward: hand back sharded params
@@ -341,19 +359,9 @@ def _non_finite_error(leader: str) -> StatisticsError:
     )
 
 
-def _run_batch(model: nn.Module, collector: InputStatisticsCollector, batch, device: torch.device,
-               is_encoder_decoder: bool) -> None:
+def _forward(model: nn.Module, collector: InputStatisticsCollector, batch: dict,
+             masks: dict[str, torch.Tensor]) -> None:
     """One forward of the statistics pass, its inputs' statistics added to ``collector``."""
-    if not isinstance(batch, Mapping):
-        raise StatisticsError(
-            f"Each batch must be a dict of model inputs (e.g. input_ids, attention_mask), got "
-            f"{type(batch).__name__}."
-        )
-    batch = _to_device(batch, device)
-    masks = batch_token_masks(batch, is_encoder_decoder)
-    if not is_encoder_decoder:
-        # no loss needed; encoder-decoder models keep labels, from which they build decoder inputs
-        batch = {k: v for k, v in batch.items() if k != "labels"}
     collector.start_batch(masks)
     try:
         model(**batch)

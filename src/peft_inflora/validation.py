@@ -23,8 +23,10 @@ DESIGNS = ("eigen", "random")
 MEMORIES = MEMORY_KINDS
 FOLDS = ("adapter", "base")
 STATISTICS_DTYPES = ("float32", "float64")
+MEMORY_STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 
-__all__ = ["DESIGNS", "ENERGIES", "FOLDS", "MEMORIES", "SOLVERS", "STATISTICS_DTYPES", "validate_fields"]
+__all__ = ["DESIGNS", "ENERGIES", "FOLDS", "MEMORIES", "MEMORY_STORAGE_DTYPES", "SOLVERS", "STATISTICS_DTYPES",
+           "validate_fields"]
 
 
 # ---------------------------------------------------------------------------------------------- the rules
@@ -127,6 +129,10 @@ def validate_fields(config: Any) -> None:
         )
     config.statistics_dtype = _choice(
         "statistics_dtype", config.statistics_dtype, STATISTICS_DTYPES, "'float64' unless memory is tight"
+    )
+    config.memory_storage_dtype = _choice(
+        "memory_storage_dtype", getattr(config, "memory_storage_dtype", "float32"), MEMORY_STORAGE_DTYPES,
+        "'float32' (exact) or 'bfloat16' / 'float16' (half the memory's bytes, re-orthonormalised on load)"
     )
     if config.statistics_sketch is not None and config.statistics_sketch != "auto":
         config.statistics_sketch = _positive_int(

@@ -3,9 +3,10 @@ plots and the Hub. It uses only the public API of the method (``peft_inflora``).
 
 Modules, one job each: ``arguments`` (the options and ``ContinualTask``), ``loop`` (the mixin over Trainer hooks),
 ``trainer`` (``ContinualTrainer``, ``ContinualSeq2SeqTrainer``), ``heads`` (global labels, head growth, frozen rows),
-``evaluation`` (classification and generation), ``checkpoint`` (save and resume), ``hub`` (model card, pushes,
-per-task revisions), ``capacity`` (the memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its
-metrics), ``plots`` (matplotlib, imported only there).
+``evaluation`` (classification and generation, scored by ``evaluate`` metrics shipped in ``evaluate_metrics/``),
+``checkpoint`` (save and resume), ``card`` (the model card), ``hub`` (pushes, hub_strategy, per-task revisions),
+``capacity`` (the memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its metrics), ``plots``
+(matplotlib, imported only there).
 """
 
 from .arguments import (
@@ -16,7 +17,7 @@ from .arguments import (
     ContinualTask,
     ContinualTrainingArguments,
 )
-from .evaluation import exact_match, normalize_answer, tokenize_instruction_dataset
+from .evaluation import TaskMetric, exact_match, load_metric, normalize_answer, tokenize_instruction_dataset
 from .hub import HubPushError, task_revision_name, task_revision_names, task_revisions
 from .loop import ContinualCallback, ContinualMixin
 from .metrics import (
@@ -44,6 +45,7 @@ __all__ = [
     "ContinualTrainer",
     "ContinualTrainingArguments",
     "HubPushError",
+    "TaskMetric",
     "average_incremental_accuracy",
     "backward_transfer",
     "compare_table",
@@ -51,6 +53,7 @@ __all__ = [
     "final_accuracy",
     "forgetting",
     "incremental_accuracies",
+    "load_metric",
     "normalize_answer",
     "task_revision_name",
     "task_revision_names",

@@ -23,7 +23,7 @@ LOSS_CLASSES = ("task", "seen")
 _PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 __all__ = ["ContinualArguments", "ContinualSeq2SeqTrainingArguments", "ContinualTask", "ContinualTrainingArguments",
-           "LOSS_CLASSES", "SETTINGS"]
+           "LOSS_CLASSES", "SETTINGS", "task_record"]
 
 
 @dataclass
@@ -39,15 +39,44 @@ class ContinualTask:
             ``ContinualArguments.eval_prompt_column``). Every task needs one: it is evaluated after every later task.
         label_names: the task's class names (classification); inferred from a ``ClassLabel`` feature or the labels
             present when omitted.
+        metric: how the task is scored in the accuracy matrix, instead of the run's ``eval_metric`` (default: the
+            shipped ``accuracy`` / ``exact_match``): an ``evaluate`` module (``evaluate.load("rouge")``), its name
+            or local path, or ``f(predictions, references) -> float | dict`` (see
+            :class:`~.evaluation.TaskMetric`). The score must lie in [0, 1].
+        metric_key: the entry of the metric's result dict that is the score (e.g. ``"rougeL"``).
     """
 
     name: str
     train_dataset: Any = None
     eval_dataset: Any = None
     label_names: Optional[Sequence[str]] = None
+    metric: Any = None
+    metric_key: Optional[str] = None
 
     def __repr__(self) -> str:  # short: the default repr would print whole datasets
-        return f"ContinualTask(name={self.name!r}, label_names={self.label_names!r})"
+        extra = f", metric={getattr(self.metric, 'name', self.metric)!r}" if self.metric is not None else ""
+        return f"ContinualTask(name={self.name!r}, label_names={self.label_names!r}{extra})"
+
+
+def _size(dataset: Any) -> Optional[int]:
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        return None
+
+
+def task_record(task: ContinualTask) -> dict[str, Any]:
+    """What a result keeps of a task (``extra["tasks"][name]``, shown in the model card): its sizes and labels."""
+    labels = task.label_names
+    if labels is None:
+        features = getattr(task.train_dataset, "features", None) or {}
+        for column in ("labels", "label"):
+            names = getattr(features.get(column), "names", None) if hasattr(features, "get") else None
+            if names:
+                labels = names
+                break
+    return {"train_examples": _size(task.train_dataset), "eval_examples": _size(task.eval_dataset),
+            "label_names": [str(n) for n in labels] if labels is not None else None}
 
 
 @dataclass
@@ -72,6 +101,14 @@ class ContinualArguments:
         "help": "setting=generation: the column of a task's eval_dataset that holds the prompts."})
     eval_answer_column: str = field(default="answer", metadata={
         "help": "setting=generation: the column of a task's eval_dataset that holds the reference answers."})
+    eval_metric: Optional[str] = field(default=None, metadata={
+        "help": "The evaluate metric that scores every task in the accuracy matrix (a ContinualTask's metric "
+                "overrides it): a name or a local path for evaluate.load. Default: the accuracy (classification) or "
+                "exact_match (generation) modules shipped in the package, which load offline; 'accuracy' and "
+                "'exact_match' name them too. Its score must lie in [0, 1] (e.g. rouge with eval_metric_key=rougeL)."})
+    eval_metric_key: Optional[str] = field(default=None, metadata={
+        "help": "The entry of eval_metric's result dict that is a task's score (default: the metric's name, or its "
+                "only entry)."})
     push_task_revisions: bool = field(default=False, metadata={
         "help": "After every finished task, push the adapter (with its memory), the result so far, the plots and a "
                 "model card to the branch task-<k>-<name> of hub_model_id (k 1-based); the end of train_continual "
@@ -113,6 +150,14 @@ class ContinualArguments:
         for name in ("eval_prompt_column", "eval_answer_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a column name, got {getattr(self, name)!r}.")
+        for name in ("eval_metric", "eval_metric_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a name (or, for eval_metric, a local path) for evaluate.load, got "
+                                 f"{value!r}; a metric object or function goes to ContinualTask(metric=...).")
+        if self.eval_metric_key is not None and self.eval_metric is None:
+            raise ValueError("eval_metric_key names an entry of eval_metric's result: set eval_metric too (the "
+                             "shipped accuracy / exact_match give one entry each).")
         if not isinstance(self.push_task_revisions, bool):
             raise ValueError(
                 f"push_task_revisions must be True or False, got {self.push_task_revisions!r}: True pushes the state "

@@ -6,7 +6,8 @@ Layout (every name defined here once)::
       continual_result.json, accuracy_matrix.png, accuracy_curve.png   the run so far
       continual/after-task-NN/                                         the state after task NN (1-based)
         adapter_config.json, adapter_model.safetensors                 the adapter with its memory
-        continual_result.json, progress.json, training_args.json       the result, the task list, the options
+        continual_result.json, accuracy_*.png, README.md, tokenizer    the result, its plots, the model card
+        progress.json, training_args.json                              the task list, the options (local only)
         hub_revision.json                                              once pushed to its Hub branch
       continual/task-NN-<name>/checkpoint-*/                           the Trainer's own checkpoints of task NN
 
@@ -21,7 +22,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from peft import PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
@@ -36,10 +37,13 @@ PROGRESS_FILE = "progress.json"
 ARGUMENTS_FILE = "training_args.json"
 TASK_REVISION_RECORD = "hub_revision.json"  # written into a checkpoint once that state is on its Hub branch
 PLOT_FILES = ("accuracy_matrix.png", "accuracy_curve.png")
+# files of a checkpoint that only make sense next to its output_dir (a resume point), never at a repository's root
+LOCAL_FILES = (PROGRESS_FILE, ARGUMENTS_FILE, TASK_REVISION_RECORD)
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = ["CONTINUAL_DIR", "PROGRESS_FILE", "TASK_REVISION_RECORD", "checkpoint_dir", "latest_checkpoint",
+__all__ = ["CONTINUAL_DIR", "LOCAL_FILES", "PLOT_FILES", "PROGRESS_FILE", "TASK_REVISION_RECORD", "checkpoint_dir",
+           "latest_checkpoint",
            "load_adapter_state", "read_progress", "resolve_sequence", "save_after_task", "task_run_dir",
            "write_result"]
 
@@ -78,24 +82,29 @@ def write_result(result: ContinualResult, folder: PathLike) -> None:
 
 
 def save_after_task(model: PeftModel, result: ContinualResult, output_dir: PathLike, task_names: list[str],
-                    class_ranges: Optional[list[tuple[int, int]]], arguments_json: str) -> Path:
-    """Atomically save the state after the ``result.num_learned``-th task (adapter with memory, result, progress,
-    options), then the result and plots of the run into ``output_dir``; returns the checkpoint folder."""
+                    class_ranges: Optional[list[tuple[int, int]]], arguments_json: str,
+                    complete: Optional[Callable[[Path], None]] = None) -> Path:
+    """Atomically save the state after the ``result.num_learned``-th task (adapter with memory, result and plots,
+    progress, options, and whatever ``complete(folder)`` adds: the model card, the tokenizer), then copy the result
+    and plots of the run into ``output_dir``; returns the checkpoint folder."""
     done = result.num_learned
     final = checkpoint_dir(output_dir, done)
     tmp = final.parent / f".{final.name}.tmp"
     final.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    result.to_json(tmp / RESULT_FILE)
+    write_result(result, tmp)
     progress = {"tasks_done": done, "task_names": list(task_names[:done]),
                 "class_ranges": [list(r) for r in class_ranges[:done]] if class_ranges is not None else None,
                 "num_labels": getattr(model.config, "num_labels", None) if class_ranges is not None else None}
     (tmp / PROGRESS_FILE).write_text(json.dumps(progress), encoding="utf-8")
     (tmp / ARGUMENTS_FILE).write_text(arguments_json, encoding="utf-8")
+    if complete is not None:
+        complete(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    write_result(result, output_dir)
+    for name in (RESULT_FILE,) + PLOT_FILES:  # the run so far, drawn once
+        shutil.copy2(final / name, Path(output_dir) / name)
     return final
 
 

@@ -30,10 +30,11 @@ from transformers.trainer_utils import set_seed
 
 from ..distributed import agree, reshard_fsdp_modules
 from ..errors import DistributedStepError
-from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments
+from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
+from .card import CardLocation
 from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
-from .evaluation import AnswerMetric, classification_accuracy, generate_answers, score_answers
+from .evaluation import AnswerMetric, TaskMetric, classification_accuracy, generate_answers, score_answers
 from .heads import (
     ClassRange,
     FrozenHeadRows,
@@ -120,6 +121,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         self._frozen_head: Optional[FrozenHeadRows] = None
         self._planned_names: Optional[list[str]] = None  # the sequence train_continual runs
         self._last_train_output: Any = None
+        self._metrics: dict[str, TaskMetric] = {}  # by task name
         if self.args.setting != "generation":
             self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
@@ -277,7 +279,23 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             output_dir=self.args.output_dir, previous_tasks=previous_tasks, previous_result=previous_result,
             resume=resume, classification=self._classification, prefix_of_sequence=prefix_of_sequence)
 
+    def task_metric(self, task: ContinualTask) -> TaskMetric:
+        """What scores ``task`` in the matrix: ``task.metric``, else (generation) the trainer's ``answer_metric``,
+        else ``args.eval_metric``, else the shipped ``accuracy`` / ``exact_match`` (loaded once per task name)."""
+        if task.name not in self._metrics:
+            default = "accuracy" if self._classification else "exact_match"
+            if task.metric is not None:
+                metric = TaskMetric(task.metric, task.metric_key, default=default)
+            elif not self._classification and self.answer_metric is not None:
+                metric = TaskMetric(self.answer_metric, task.metric_key, default=default)
+            else:
+                metric = TaskMetric(self.args.eval_metric, task.metric_key or self.args.eval_metric_key,
+                                    default=default)
+            self._metrics[task.name] = metric
+        return self._metrics[task.name]
+
     def _check_task_data(self, task: ContinualTask) -> None:
+        self.task_metric(task)  # a metric that does not load fails here, before anything changes
         if task.train_dataset is None:
             raise ValueError(f"Task '{task.name}' has no train_dataset.")
         if task.eval_dataset is None:
@@ -405,6 +423,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         if classes is not None:
             self._class_ranges.append(classes)
             result.extra["class_ranges"] = [list(r) for r in self._class_ranges]
+        result.extra.setdefault("tasks", {})[task.name] = task_record(task) | {"metric": self.task_metric(task).name}
         try:
             row = self.evaluate_tasks()
             timings = len(result.train_seconds) == index and len(result.statistics_seconds) == index
@@ -416,7 +435,8 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             with agree(f"checkpoint after task {index + 1}"):  # process 0 writes; a failed write stops every process
                 if self.args.should_save:
                     save_after_task(peft_model, result, self.args.output_dir, names,
-                                    self._class_ranges if classes is not None else None, self.args.to_json_string())
+                                    self._class_ranges if classes is not None else None, self.args.to_json_string(),
+                                    complete=self._complete_checkpoint)
         except DistributedStepError as err:  # another process failed after this task was learned
             raise DistributedStepError(
                 f"{err} (That step changed nothing, but task '{task.name}' had already been learned on every "
@@ -426,10 +446,20 @@ class ContinualMixin(HeadLossMixin, HubMixin):
                 errors=err.errors) from err
         self._call_task_event("on_task_end", task=task, task_index=index, result=result)
         self.log({f"continual/accuracy_after_{task.name}": sum(row) / len(row)})
-        if self.args.push_task_revisions:
-            self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
-            if self._planned_names is None:  # train_task on its own: main follows the latest task
-                self._push_sequence_end()
+        with agree(f"Hub push after task {index + 1}"):  # process 0 uploads; a failed upload stops every process
+            if self.args.should_save:
+                self._push_after_task(index + 1, task.name)  # as hub_strategy says (push_to_hub=True)
+            if self.args.push_task_revisions:
+                self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
+                if self._planned_names is None:  # train_task on its own: main follows the latest task
+                    self._push_sequence_end()
+
+    def _complete_checkpoint(self, folder: Any) -> None:
+        """What a ``continual/after-task-NN`` holds besides the adapter and the result: the processing class and
+        the model card."""
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(str(folder))
+        self.write_model_card(folder, location=CardLocation(checkpoint_of=str(self.args.output_dir)))
 
     def _predict(self, j: int, references: Optional[tuple[list[str], list[str]]]) -> Any:
         """The model's outputs on task ``j``'s eval data: generated answers to ``references``' prompts, or the
@@ -444,10 +474,11 @@ class ContinualMixin(HeadLossMixin, HubMixin):
     def _score(self, j: int, seen: int, output: Any, references: Optional[tuple[list[str], list[str]]]) -> float:
         """Accuracy (answer score) on task ``j`` after learning tasks ``0..seen``, from :meth:`_predict`'s output."""
         if not self._classification:
-            return score_answers(output, references[1], self.answer_metric)
+            return score_answers(output, references[1], self.task_metric(self.continual_tasks[j]))
         classes = (0, self._class_ranges[seen][1]) if self.args.setting == "class_incremental" \
             else self._class_ranges[j]
-        return classification_accuracy(output.predictions, output.label_ids, classes)
+        return classification_accuracy(output.predictions, output.label_ids, classes,
+                                       self.task_metric(self.continual_tasks[j]))
 
     def _call_task_event(self, event: str, **kwargs: Any) -> None:
         for callback in self.callback_handler.callbacks:
