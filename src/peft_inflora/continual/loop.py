@@ -121,7 +121,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         self._frozen_head: Optional[FrozenHeadRows] = None
         self._planned_names: Optional[list[str]] = None  # the sequence train_continual runs
         self._last_train_output: Any = None
-        self._metrics: dict[str, TaskMetric] = {}  # by task name
+        self._task_metrics: dict[str, TaskMetric] = {}  # by task name
         if self.args.setting != "generation":
             self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
@@ -282,7 +282,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
     def task_metric(self, task: ContinualTask) -> TaskMetric:
         """What scores ``task`` in the matrix: ``task.metric``, else (generation) the trainer's ``answer_metric``,
         else ``args.eval_metric``, else the shipped ``accuracy`` / ``exact_match`` (loaded once per task name)."""
-        if task.name not in self._metrics:
+        if task.name not in self._task_metrics:
             default = "accuracy" if self._classification else "exact_match"
             if task.metric is not None:
                 metric = TaskMetric(task.metric, task.metric_key, default=default)
@@ -291,8 +291,8 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             else:
                 metric = TaskMetric(self.args.eval_metric, task.metric_key or self.args.eval_metric_key,
                                     default=default)
-            self._metrics[task.name] = metric
-        return self._metrics[task.name]
+            self._task_metrics[task.name] = metric
+        return self._task_metrics[task.name]
 
     def _check_task_data(self, task: ContinualTask) -> None:
         self.task_metric(task)  # a metric that does not load fails here, before anything changes
