@@ -299,15 +299,3 @@ def test_the_loss_is_cross_entropy_over_the_task_or_all_seen_classes(tmp_path, l
 def test_an_unknown_loss_classes_value_is_refused(tmp_path):
     with pytest.raises(ValueError, match="loss_classes must be one of"):
         training_args(tmp_path, loss_classes="all")
-
-
-@pytest.mark.parametrize("wrapper", ["is_fsdp_enabled", "is_deepspeed_enabled"])
-def test_accelerate_fsdp_and_deepspeed_are_refused_before_training(tmp_path, wrapper):
-    model = inflora_bert()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = ContinualTrainer(model=model, args=training_args(tmp_path))
-    setattr(trainer, wrapper, True)  # what Accelerate sets on a GPU machine with an FSDP / DeepSpeed config
-    with pytest.raises(ValueError, match="hand-written FSDP2 / DeepSpeed ZeRO-1/2 loop"):
-        trainer.train_continual(tasks())
-    assert model.tasks_done() == 0 and not model.task_in_progress()
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -16,14 +16,16 @@ import torch.nn.functional as F
 from peft import PeftModel
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from transformers import TrainerCallback
 
 from .arguments import ContinualTask
 
 
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
 
-__all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "check_local_labels", "class_ranges", "ensure_head_size",
-           "find_head", "grow_linear", "new_head_row", "num_task_classes", "to_global_labels"]
+__all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "RestoreFrozenHeadRows", "check_local_labels",
+           "class_ranges", "ensure_head_size", "find_head", "grow_linear", "new_head_row", "num_task_classes",
+           "to_global_labels"]
 
 
 def label_column(dataset: Any) -> Optional[str]:
@@ -159,20 +161,32 @@ class FrozenHeadRows:
         self.bias = self.head.bias.detach().clone() if self.head.bias is not None else None
 
     def restore(self, *unused: Any) -> None:
-        """Write the snapshot back into the frozen rows (an optimizer step post-hook)."""
+        """Write the snapshot back into the frozen rows (after every optimizer step: see :class:`HeadLossMixin`)."""
         with torch.no_grad():
             self.head.weight[self.frozen] = self.weight[self.frozen]
             if self.bias is not None:
                 self.head.bias[self.frozen] = self.bias[self.frozen]
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        target = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it later; hook the real one
-        target.register_step_post_hook(self.restore)
+
+class RestoreFrozenHeadRows(TrainerCallback):
+    """Restores the trainer's frozen head rows after every optimizer step (``on_optimizer_step``).
+
+    A callback, not an optimizer hook: under DeepSpeed the Trainer's optimizer is a ``DummyOptim`` / wrapper whose
+    ``step`` does nothing (the engine steps inside ``backward``, then copies its own master weights into the model),
+    so only an event after the step sees the weights the model will use."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer._frozen_head is not None:
+            self.trainer._frozen_head.restore()
 
 
 class HeadLossMixin:
     """The Trainer hooks of a class-incremental head (mixed into :class:`~.loop.ContinualMixin`): the loss over the
-    task's classes and the frozen rows. The trainer sets ``_task_classes`` and ``_frozen_head`` while a task trains."""
+    task's classes, and the frozen rows restored by a :class:`RestoreFrozenHeadRows` callback that the trainer adds.
+    The trainer sets ``_task_classes`` and ``_frozen_head`` while a task trains."""
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -190,11 +204,3 @@ class HeadLossMixin:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = F.cross_entropy(logits[:, lo:hi].float(), labels - lo)
         return (loss, outputs) if return_outputs else loss
-
-    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
-        """The trainer's optimizer, plus a post-step hook that restores the head rows of every class outside the
-        current task."""
-        optimizer = super().create_optimizer(model)
-        if self._frozen_head is not None:
-            self._frozen_head.attach(optimizer)
-        return optimizer

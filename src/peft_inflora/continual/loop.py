@@ -4,10 +4,13 @@ For task ``t`` (0-based): ``begin_task`` over the task's training data, read thr
 Accelerate-prepared dataloader (so under DDP each process sees its shard and the statistics are all-reduced, and under
 TRL the covariance sees exactly the tokens that are trained); ``Trainer.train()`` with a fresh optimizer and scheduler;
 ``end_task``; then the evaluation of every task seen so far, which is row ``t`` of the accuracy matrix. The training
-loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes) and
-``create_optimizer`` (old head rows frozen bit for bit), both in :class:`~.heads.HeadLossMixin`; ``_get_output_dir``
-(the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while ``args.output_dir``
-stays the same for every callback); ``train``; and the Hub methods (:class:`~.hub.HubMixin`).
+loop is never copied: the mixin overrides ``compute_loss`` (classification: the loss over the task's classes; a
+callback restores the old head rows bit for bit after every optimizer step: :class:`~.heads.HeadLossMixin`);
+``_get_output_dir`` (the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while
+``args.output_dir`` stays the same for every callback); ``train``; and the Hub methods (:class:`~.hub.HubMixin`).
+Sharding wrappers: :mod:`~.sharding`. With several processes the local steps of a task boundary (checks and data
+preparation, scoring the evaluation, writing the checkpoint) end in ``peft_inflora.distributed.agree``: when one
+process fails there, every process raises.
 
 ``class MyTrainer(ContinualMixin, SomeTrainer)`` makes any ``Trainer`` subclass continual, with arguments of a class
 ``(ContinualArguments, SomeTrainingArguments)``.
@@ -25,6 +28,8 @@ from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import set_seed
 
+from ..distributed import agree, reshard_fsdp_modules
+from ..errors import DistributedStepError
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
 from .card import CardLocation
@@ -34,6 +39,7 @@ from .heads import (
     ClassRange,
     FrozenHeadRows,
     HeadLossMixin,
+    RestoreFrozenHeadRows,
     check_local_labels,
     ensure_head_size,
     num_task_classes,
@@ -41,6 +47,7 @@ from .heads import (
 )
 from .hub import HubMixin, task_revision_names
 from .result import ContinualResult
+from .sharding import check_sharding, is_fsdp2_sharded
 
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
@@ -100,7 +107,11 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
             raise TypeError(f"{type(self).__name__} needs a PeftModel: wrap the model with "
                             "`get_peft_model(model, InfLoRAConfig(...))` first.")
+        if is_fsdp2_sharded(self.peft_model):  # sharded by its owner (fully_shard before the trainer): the
+            # Trainer's path for such a model: no DDP wrap, replicated trainables (A_t, head) broadcast + averaged
+            self.is_distributed_loading_by_transformers, self.place_model_on_device = True, False
         self.answer_metric = answer_metric
+        self.add_callback(RestoreFrozenHeadRows(self))
         self.continual_result: Optional[ContinualResult] = None
         self.continual_tasks: list[ContinualTask] = []  # the tasks learned so far, in order
         self._eval_datasets: list[Any] = []
@@ -184,9 +195,10 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         ``previous_tasks`` are the learned tasks, in order, with their ``eval_dataset`` (``train_dataset`` may be
         ``None``): every new row evaluates them. Everything is checked before anything changes.
         """
-        self._refuse_sharded()
-        sequence = self._resolve(previous_tasks, previous_result, resume_from_checkpoint)
-        prepared = self._prepare_task(task, sequence)
+        check_sharding(self, self.peft_model)
+        with agree("train_task: checks and data preparation"):  # local on every process; nothing changed yet
+            sequence = self._resolve(previous_tasks, previous_result, resume_from_checkpoint)
+            prepared = self._prepare_task(task, sequence)
         self._adopt(sequence)
         self._push_missing()
         self._learn(task, *prepared)
@@ -203,26 +215,27 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         pushed to its branch, and the end of the sequence to ``hub_revision`` (``main``); after a failed upload,
         ``resume_from_checkpoint=True`` first pushes the finished tasks whose branch is missing.
         """
-        self._refuse_sharded()
-        tasks = list(tasks)
-        if not tasks:
-            raise ValueError("`tasks` is empty: pass at least one ContinualTask.")
-        names = [t.name for t in tasks]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Task names must be unique, got {names}.")
-        if self.args.push_task_revisions:
-            task_revision_names(names)  # bad names fail before training
-        sequence = self._resolve(tasks, previous_result, resume_from_checkpoint, prefix_of_sequence=True)
-        done = len(sequence.tasks)
-        if sequence.source == "adapter" and done >= len(tasks):
-            raise ValueError(f"The adapter learned {names[:done]}; `tasks` must start with those tasks, in that "
-                             f"order, and add at least one new task (got {names}).")
-        for task in tasks[done:]:  # every new task's data, checked before anything changes
-            self._check_task_data(task)
-        if self._classification:
-            for task in tasks[done:]:
-                for dataset in (task.train_dataset, task.eval_dataset):
-                    check_local_labels(dataset, num_task_classes(task), task.name)
+        check_sharding(self, self.peft_model)
+        with agree("train_continual: checks"):  # local on every process; nothing changed yet
+            tasks = list(tasks)
+            if not tasks:
+                raise ValueError("`tasks` is empty: pass at least one ContinualTask.")
+            names = [t.name for t in tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"Task names must be unique, got {names}.")
+            if self.args.push_task_revisions:
+                task_revision_names(names)  # bad names fail before training
+            sequence = self._resolve(tasks, previous_result, resume_from_checkpoint, prefix_of_sequence=True)
+            done = len(sequence.tasks)
+            if sequence.source == "adapter" and done >= len(tasks):
+                raise ValueError(f"The adapter learned {names[:done]}; `tasks` must start with those tasks, in that "
+                                 f"order, and add at least one new task (got {names}).")
+            for task in tasks[done:]:  # every new task's data, checked before anything changes
+                self._check_task_data(task)
+            if self._classification:
+                for task in tasks[done:]:
+                    for dataset in (task.train_dataset, task.eval_dataset):
+                        check_local_labels(dataset, num_task_classes(task), task.name)
         self._adopt(sequence)
         self._push_missing()
         if self.continual_result is not None:
@@ -238,9 +251,20 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         return self.continual_result
 
     def evaluate_tasks(self) -> list[float]:
-        """The accuracy (or answer score) on every task learned so far, with the current model and ``setting``."""
+        """The accuracy (or answer score) on every task learned so far, with the current model and ``setting``.
+
+        Several processes: the predictions are made together (the forwards and gathers are collectives); reading the
+        references and scoring are local steps that every process agrees on (``peft_inflora.distributed.agree``), so
+        one process failing there makes every process raise instead of leaving the others waiting."""
         seen = len(self.continual_tasks) - 1
-        return [self._evaluate(j, seen) for j in range(seen + 1)]
+        step = f"evaluation after task {seen + 1}"
+        references: list[Any] = [None] * (seen + 1)
+        if not self._classification:
+            with agree(f"{step} (eval data)"):
+                references = [self.generation_references(self._eval_datasets[j]) for j in range(seen + 1)]
+        outputs = [self._predict(j, references[j]) for j in range(seen + 1)]
+        with agree(f"{step} (scores)"):
+            return [self._score(j, seen, output, references[j]) for j, output in enumerate(outputs)]
 
     # ------------------------------------------------------------------ the sequence so far
     def _resolve(self, previous_tasks: Optional[Sequence[ContinualTask]], previous_result: Any, resume: bool,
@@ -346,15 +370,6 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             method = f"sequential {getattr(peft_type, 'value', peft_type)}"
         return {"setting": self.args.setting, "method": method, "continual_arguments": self.args.continual_dict()}
 
-    def _refuse_sharded(self) -> None:
-        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False)
-        if self.is_inflora and sharded:
-            raise ValueError(
-                "The continual trainers do not yet run InfLoRA under Accelerate's FSDP or DeepSpeed: they shard or "
-                "partition the new A_t that begin_task creates for every task. Use DDP (plain `accelerate launch` / "
-                "`torchrun`), or the hand-written FSDP2 / DeepSpeed ZeRO-1/2 loop of the README (peft_inflora."
-                "distributed). Nothing was trained.")
-
     # ------------------------------------------------------------------ one task
     def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any,
                classes: Optional[ClassRange]) -> None:
@@ -409,22 +424,35 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             self._class_ranges.append(classes)
             result.extra["class_ranges"] = [list(r) for r in self._class_ranges]
         result.extra.setdefault("tasks", {})[task.name] = task_record(task) | {"metric": self.task_metric(task).name}
-        row = self.evaluate_tasks()
-        timings = len(result.train_seconds) == index and len(result.statistics_seconds) == index
-        result.add_row(row, train_seconds=train_seconds if timings else None,
-                       statistics_seconds=statistics_seconds if timings else None)
-        if self.args.should_save:
-            save_after_task(peft_model, result, self.args.output_dir, names,
-                            self._class_ranges if classes is not None else None, self.args.to_json_string(),
-                            complete=self._complete_checkpoint)
+        try:
+            row = self.evaluate_tasks()
+            timings = len(result.train_seconds) == index and len(result.statistics_seconds) == index
+            result.add_row(row, train_seconds=train_seconds if timings else None,
+                           statistics_seconds=statistics_seconds if timings else None)
+            # FSDP2 leaves the root unsharded after the evaluation's forwards, and state_dict() reshards it on the
+            # saving process only: reshard everywhere first, or the next forward's all-gathers differ between processes
+            reshard_fsdp_modules(peft_model)
+            with agree(f"checkpoint after task {index + 1}"):  # process 0 writes; a failed write stops every process
+                if self.args.should_save:
+                    save_after_task(peft_model, result, self.args.output_dir, names,
+                                    self._class_ranges if classes is not None else None, self.args.to_json_string(),
+                                    complete=self._complete_checkpoint)
+        except DistributedStepError as err:  # another process failed after this task was learned
+            raise DistributedStepError(
+                f"{err} (That step changed nothing, but task '{task.name}' had already been learned on every "
+                f"process: the adapter and this trainer hold {index + 1} tasks, while output_dir holds no row and no "
+                f"checkpoint of it. To go on from the files, start new processes with resume_from_checkpoint=True: "
+                f"they continue after the last checkpoint.)", step=err.step, failed_ranks=err.failed_ranks,
+                errors=err.errors) from err
         self._call_task_event("on_task_end", task=task, task_index=index, result=result)
         self.log({f"continual/accuracy_after_{task.name}": sum(row) / len(row)})
-        if self.args.should_save:
-            self._push_after_task(index + 1, task.name)  # as hub_strategy says (push_to_hub=True)
-        if self.args.push_task_revisions:
-            self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
-            if self._planned_names is None:  # train_task on its own: main follows the latest task
-                self._push_sequence_end()
+        with agree(f"Hub push after task {index + 1}"):  # process 0 uploads; a failed upload stops every process
+            if self.args.should_save:
+                self._push_after_task(index + 1, task.name)  # as hub_strategy says (push_to_hub=True)
+            if self.args.push_task_revisions:
+                self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
+                if self._planned_names is None:  # train_task on its own: main follows the latest task
+                    self._push_sequence_end()
 
     def _complete_checkpoint(self, folder: Any) -> None:
         """What a ``continual/after-task-NN`` holds besides the adapter and the result: the processing class and
@@ -433,17 +461,20 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             self.processing_class.save_pretrained(str(folder))
         self.write_model_card(folder, location=CardLocation(checkpoint_of=str(self.args.output_dir)))
 
-    def _evaluate(self, j: int, seen: int) -> float:
-        """Accuracy on task ``j`` after learning tasks ``0..seen``."""
-        dataset = self._eval_datasets[j]
+    def _predict(self, j: int, references: Optional[tuple[list[str], list[str]]]) -> Any:
+        """The model's outputs on task ``j``'s eval data: generated answers to ``references``' prompts, or the
+        Trainer's ``predict`` output."""
         if not self._classification:
-            prompts, references = self.generation_references(dataset)
-            predictions = generate_answers(
-                self.peft_model, self.processing_class, prompts, batch_size=self.args.per_device_eval_batch_size,
+            return generate_answers(
+                self.peft_model, self.processing_class, references[0], batch_size=self.args.per_device_eval_batch_size,
                 max_new_tokens=self.args.generation_max_new_tokens, device=self.args.device,
                 num_beams=getattr(self.args, "generation_num_beams", None) or 1)
-            return score_answers(predictions, references, self.task_metric(self.continual_tasks[j]))
-        output = self.predict(dataset, metric_key_prefix=f"eval_{self.continual_tasks[j].name}")
+        return self.predict(self._eval_datasets[j], metric_key_prefix=f"eval_{self.continual_tasks[j].name}")
+
+    def _score(self, j: int, seen: int, output: Any, references: Optional[tuple[list[str], list[str]]]) -> float:
+        """Accuracy (answer score) on task ``j`` after learning tasks ``0..seen``, from :meth:`_predict`'s output."""
+        if not self._classification:
+            return score_answers(output, references[1], self.task_metric(self.continual_tasks[j]))
         classes = (0, self._class_ranges[seen][1]) if self.args.setting == "class_incremental" \
             else self._class_ranges[j]
         return classification_accuracy(output.predictions, output.label_ids, classes,

@@ -1,0 +1,213 @@
+"""The ContinualTrainer with parameter sharding, 2 processes over gloo on CPU (``trainer_sharded_worker.py``):
+a model sharded with FSDP2 ``fully_shard`` before the trainer, DeepSpeed ZeRO-2 through
+``TrainingArguments(deepspeed=...)``, both like one process; ZeRO-3, Accelerate's ``fsdp=`` and a wrap that shards
+the head refused before anything changes; a run killed after its first task resumes to the same adapter."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
+
+import pytest
+import torch
+from continual_fixtures import bert, inflora_bert, tasks, training_args
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from peft_inflora import ContinualTrainer
+
+
+HERE = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(mode: str, out: Path, processes: int = 2, **env: str) -> None:
+    worker = [str(HERE / "trainer_sharded_worker.py"), mode, str(out)]
+    command = [sys.executable] + worker if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + worker
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(
+        os.environ, OMP_NUM_THREADS="1", **env,
+        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+def _missing(module: str) -> Optional[str]:
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        return "torch.distributed with the gloo backend is not available in this torch build"
+    if module == "fsdp2":
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError as err:
+            return f"torch {torch.__version__} has no FSDP2: {err}"
+    elif importlib.util.find_spec(module) is None:
+        return f"{module} is not installed (optional; `pip install deepspeed` runs ZeRO on its CPU accelerator)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: the same two tasks (2 then 3 classes) in one process, no wrapper, batches of 8."""
+    out = tmp_path_factory.mktemp("one-process")
+    _run("single", out, processes=1)
+    return out
+
+
+def _record(out: Path, rank: int) -> dict:
+    return json.loads((out / f"result-rank{rank}.json").read_text())
+
+
+def _assert_like_one_process(two: Path, one: Path, head_atol: float) -> None:
+    """Both ranks hold the same adapter; it equals the one-process run (designs, memory, folded tasks to 1e-5, the
+    trained head to ``head_atol``); the accuracy matrices are equal; process 0 alone wrote each task's checkpoint,
+    and the last one holds the final adapter with its memory."""
+    r0, r1 = load_file(two / "final-rank0.safetensors"), load_file(two / "final-rank1.safetensors")
+    single = load_file(one / "final-rank0.safetensors")
+    assert r0.keys() == r1.keys() == single.keys()
+    assert any("inflora_memory" in k for k in single) and any("classifier.modules_to_save" in k for k in single)
+    for key in single:
+        assert torch.equal(r0[key], r1[key]), key
+        atol = head_atol if "classifier" in key else 1e-5
+        torch.testing.assert_close(r0[key], single[key], atol=atol, rtol=0, msg=key)
+    past = [v for k, v in single.items() if "inflora_past_A" in k]
+    assert past and all(v.abs().max() > 1e-3 for v in past)  # trained away from zero: the comparison means something
+    assert _record(two, 0)["error"] is None and _record(two, 1)["error"] is None
+    assert _record(two, 0)["accuracy_matrix"] == _record(two, 1)["accuracy_matrix"] \
+        == _record(one, 0)["accuracy_matrix"]
+    assert json.loads((two / "saves-rank0.json").read_text()) == ["adapter_model.safetensors"] * 2
+    assert json.loads((two / "saves-rank1.json").read_text()) == []
+    first = load_file(two / "run" / "continual" / "after-task-01" / "adapter_model.safetensors")
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    assert torch.equal(r0[head][:2], first["base_model.model.classifier.weight"])  # task 1's rows frozen bit for bit
+    loaded = PeftModel.from_pretrained(bert(num_labels=5), str(two / "run" / "continual" / "after-task-02"))
+    state = loaded.state_dict()
+    for key, tensor in r0.items():  # the last checkpoint loads back to exactly the trained adapter
+        if "original_module" not in key:  # the base model's own head is not in the adapter
+            assert torch.equal(state[key], tensor), key
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
+def test_model_sharded_with_fsdp2_trains_like_one_process(tmp_path, one_process):
+    _run("fsdp2", tmp_path)
+    _assert_like_one_process(tmp_path, one_process, head_atol=1e-5)
+    for rank in (0, 1):  # a wrap that shards the growing head is refused, naming the fix, before anything changes
+        refused = _record(tmp_path, rank)["head_sharded"]
+        assert refused["error"].startswith("ValueError") and "replicated_parameters" in refused["error"], refused
+        assert refused["tasks_done"] == 0 and refused["task_in_progress"] is False
+        steps = _record(tmp_path, rank)["save_steps"]  # Trainer checkpoints of a sharded model: refused
+        assert steps["error"].startswith("ValueError") and "save_strategy='no'" in steps["error"], steps
+        assert steps["tasks_done"] == 2
+    assert not (tmp_path / "refused" / "continual").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
+def test_fsdp2_run_killed_after_a_task_resumes_to_the_same_adapter(tmp_path, one_process):
+    _run("fsdp2", tmp_path, STOP_AFTER_TASK="1")  # ends both processes (os._exit) after checkpoint 1
+    continual = tmp_path / "run" / "continual"
+    assert (continual / "after-task-01").is_dir() and not (continual / "after-task-02").exists()
+    assert not (tmp_path / "result-rank0.json").exists()  # the first run never got past the kill
+    _run("fsdp2", tmp_path, RESUME="1")
+    r0 = load_file(tmp_path / "final-rank0.safetensors")
+    single = load_file(one_process / "final-rank0.safetensors")
+    for key in single:
+        torch.testing.assert_close(r0[key], single[key], atol=1e-5, rtol=0, msg=key)
+    assert _record(tmp_path, 0)["accuracy_matrix"] == _record(one_process, 0)["accuracy_matrix"]
+    assert json.loads((tmp_path / "saves-rank0.json").read_text()) == ["adapter_model.safetensors"]  # task 2 only
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
+def test_deepspeed_zero2_trainer_like_one_process(tmp_path, one_process):
+    """The DeepSpeed config holds the optimizer (the Trainer's is a DummyOptim): a new engine per task trains the
+    new A_t, and the frozen head rows stay bit for bit (the comparison with one process would catch either)."""
+    _run("zero2", tmp_path)
+    _assert_like_one_process(tmp_path, one_process, head_atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
+def test_deepspeed_zero3_is_refused_before_anything_changes(tmp_path):
+    _run("zero3", tmp_path)
+    for rank in (0, 1):
+        record = _record(tmp_path, rank)
+        assert record["error"].startswith("ValueError") and "ZeRO-3" in record["error"], record
+        assert '"stage": 2' in record["error"]  # names the fix
+        assert record["tasks_done"] == 0 and record["task_in_progress"] is False
+    assert not (tmp_path / "run" / "continual").exists()  # no checkpoint, no result
+
+
+@pytest.mark.parametrize("setting", ["deepspeed_zero3", "accelerate_fsdp"])
+def test_zero3_and_accelerate_fsdp_are_refused_before_training(tmp_path, monkeypatch, setting):
+    """What Accelerate sets on a GPU machine with such a config (faked here on the trainer): refused, nothing
+    trained, nothing written."""
+    model = inflora_bert()
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path / "run"))
+    if setting == "accelerate_fsdp":
+        trainer.is_fsdp_enabled, match = True, "Accelerate's FSDP"
+    else:
+        trainer.is_deepspeed_enabled, match = True, "ZeRO-3"
+        monkeypatch.setattr(type(trainer.accelerator.state), "deepspeed_plugin",
+                            property(lambda state: SimpleNamespace(zero_stage=3)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        trainer.train_continual(tasks((2,)))
+    assert model.tasks_done() == 0 and not model.task_in_progress()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "run" / "continual").exists()  # no checkpoint, no result
+
+
+# ---------------------------------------------------------------------------------------------- task boundaries
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_one_process_failing_at_a_task_boundary_stops_every_process(tmp_path):
+    """DDP, 2 processes, one launch, three cases (``boundary_failure_worker.py``): the failing process raises its
+    own error, the other a DistributedStepError naming the step and the failing rank, within seconds (a hang would
+    last until the gloo timeout); both hold the same state, and output_dir holds no file of the failed step."""
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "boundary_failure_worker.py"),
+                          str(tmp_path)], capture_output=True, text=True, timeout=300, env=dict(
+        os.environ, OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
+    assert run.returncode == 0, run.stderr[-4000:]
+    expected = {  # case: (failing rank, step, tasks learned when it failed)
+        "prepare": (1, "train_task: checks and data preparation", 0),
+        "evaluation": (1, "evaluation after task 2 (scores)", 2),
+        "checkpoint": (0, "checkpoint after task 2", 2),
+    }
+    for case, (failing, step, learned) in expected.items():
+        records = [json.loads((tmp_path / f"{case}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        own, other = records[failing], records[1 - failing]
+        assert own["error"]["type"] == "InjectedFailure", (case, own)
+        assert other["error"]["type"] == "DistributedStepError", (case, other)
+        assert other["error"]["step"] == step and other["error"]["failed_ranks"] == [failing], (case, other)
+        assert f"rank {failing} (InjectedFailure: {case} on rank {failing})" in other["error"]["message"]
+        for record in records:
+            assert record["seconds"] < 60, (case, record)
+            assert (record["tasks_done"], record["trainer_tasks"], record["task_in_progress"]) == \
+                (learned, learned, False), (case, record)
+        if learned:  # the failure came after the task was learned: the error says so and how to go on
+            assert "resume_from_checkpoint=True" in other["error"]["message"]
+        continual = tmp_path / case / "continual"
+        assert not (continual / "after-task-02").exists()
+        if case == "prepare":
+            assert not continual.exists()
+        else:  # the checkpoint of task 1 is intact
+            assert json.loads((continual / "after-task-01" / "progress.json").read_text())["tasks_done"] == 1

@@ -1,0 +1,153 @@
+"""Entry point of the sharded ContinualTrainer tests: ``torchrun --nproc_per_node 2 trainer_sharded_worker.py MODE
+OUT``, or ``python trainer_sharded_worker.py single OUT`` for the one-process reference (no wrapper).
+
+MODE ``fsdp2``: the model sharded with ``fully_shard`` before the trainer (each encoder block, then the transformers
+model as the root), leaving out ``peft_inflora.continual.sharding.replicated_parameters`` (A_t, the head); DDP
+arguments (``ddp_backend="gloo"``), no ``fsdp=`` (Accelerate enables FSDP only on GPUs). Then a second model whose
+wrap shards the head too must be refused (``head_sharded`` in the result), and so must the trained model with the
+Trainer's own mid-task checkpoints (``save_steps``).
+
+MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepspeed=<config>)`` (DeepSpeed's CPU
+accelerator, gloo). Accelerate starts DeepSpeed without a communication backend when no GPU is present, so it would
+count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
+``ACCELERATE_USE_DEEPSPEED=true`` (what ``accelerate launch --use_deepspeed`` sets), and the Trainer uses it
+(``accelerator_config={"use_configured_state": True}``). The DeepSpeed config holds the optimizer, so the Trainer's
+optimizer is Accelerate's ``DummyOptim``.
+
+Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
+(every InfLoRA and head tensor), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
+``output_dir`` in ``OUT/run``. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
+checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+import peft.peft_model  # noqa: E402
+from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
+
+from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
+
+
+MODES = ("single", "zero2", "zero3", "fsdp2")
+SEQUENCE = (2, 3)
+
+
+def deepspeed_config(stage: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
+
+
+class StopAfter(ContinualCallback):
+    """Ends the process right after the checkpoint of task ``k`` (1-based), as a kill would."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_task_end(self, args, state, control, task, task_index, result=None, **kwargs):
+        if task_index + 1 == self.k:
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            os._exit(0)
+
+
+def fsdp2_wrap(model, ignore_head: bool = True) -> None:
+    """``fully_shard`` each encoder block, then the transformers model as the root, leaving out what the continual
+    loop replaces (``replicated_parameters``: A_t and the head), or only A_t (``ignore_head=False``, refused)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_inflora.continual.sharding import replicated_parameters
+    from peft_inflora.distributed import adapter_parameters
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    ignored = replicated_parameters(model) if ignore_head else set(adapter_parameters(model))
+    for block in model.base_model.model.bert.encoder.layer:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model.base_model.model, mesh=mesh, ignored_params=ignored)
+
+
+def main(mode: str, out: str) -> None:
+    if mode not in MODES:
+        raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
+    os.makedirs(out, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    extra = {}
+    model = inflora_bert(statistics_max_tokens=None)
+    if mode.startswith("fsdp2"):
+        fsdp2_wrap(model)
+        extra = dict(ddp_backend="gloo")
+    elif mode != "single":
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        extra = dict(use_cpu=False, deepspeed=deepspeed_config(int(mode[-1])),
+                     accelerator_config={"use_configured_state": True})
+
+    def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
+        return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
+                             weight_decay=0.1, **extra)
+
+    args = make_args("run")
+    callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
+    trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks)
+
+    writes: list[str] = []
+    real_save_file = peft.peft_model.safe_save_file
+
+    def counting_save_file(tensors, filename, *a, **kw):
+        writes.append(os.path.basename(filename))
+        return real_save_file(tensors, filename, *a, **kw)
+
+    peft.peft_model.safe_save_file = counting_save_file
+    try:
+        result = trainer.train_continual(tasks(SEQUENCE), resume_from_checkpoint=bool(os.environ.get("RESUME")))
+        record = {"accuracy_matrix": result.accuracy_matrix, "error": None}
+    except Exception as err:  # recorded for the test
+        record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
+                  "task_in_progress": model.task_in_progress()}
+    finally:
+        peft.peft_model.safe_save_file = real_save_file
+    if mode == "fsdp2":  # a wrap that shards the head too: refused before anything changes
+        other = inflora_bert(statistics_max_tokens=None)
+        fsdp2_wrap(other, ignore_head=False)
+        refused = ContinualTrainer(model=other, args=make_args("refused"))
+        try:
+            refused.train_continual(tasks(SEQUENCE))
+            record["head_sharded"] = {"error": None}
+        except Exception as err:
+            record["head_sharded"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": other.tasks_done(),
+                                      "task_in_progress": other.task_in_progress()}
+        steps = ContinualTrainer(model=model, args=training_args(os.path.join(out, "refused"), save_strategy="steps",
+                                                                 **extra))
+        try:  # the Trainer's mid-task checkpoints of a sharded model cannot be resumed: refused
+            steps.train_task(tasks((2, 3, 2))[2])
+            record["save_steps"] = {"error": None}
+        except Exception as err:
+            record["save_steps"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done()}
+    with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
+        json.dump(writes, f)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if "inflora" in k or "classifier" in k}
+    save_file(state, os.path.join(out, f"final-rank{rank}.safetensors"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
