@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 EXAMPLES_DIR = ROOT / "examples"

@@ -9,7 +9,8 @@ from stored JSON, and pools long-sequence folders of several seeds into one set 
     python benchmarks/_plots.py $R/long_sequence_lambda09999    # long_sequence_accuracy / _free_dimension.png
     python benchmarks/_plots.py $R/long_sequence_30tasks_* --out $R/long_sequence_30tasks_3seeds   # seeds pooled
 
-Notation as in ``peft_inflora.continual.metrics``: ``a[i][j]`` is the accuracy on task ``j`` right after training task ``i``
+Notation as in ``peft_inflora.continual.metrics``: ``a[i][j]`` is the accuracy on task ``j`` right after training
+task ``i``
 (rows ``i = 0 .. T-1``, ``j <= i``). The numbers drawn come from the small pure functions at the top
 (:func:`seen_accuracy`, :func:`forgetting_per_task`, :func:`mean_std`, :func:`free_dimensions`), tested against
 numpy in tests/test_benchmark_plots.py. Figures are drawn on matplotlib's Agg canvas without pyplot state.

@@ -35,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _plots  # noqa: E402
+
 
 METHODS = ["InfLoRA fixed", "InfLoRA adaptive", "sequential LoRA", "OSF", "heads only"]
 TARGETS = ["k_proj", "v_proj", "fc1"]
@@ -76,6 +78,7 @@ def permuted_tasks(n_tasks: int, seed: int, limit=None):
 
 def run(method: str, args, source: str, tasks, workdir: str):
     from peft import LoraConfig, get_peft_model
+
     from peft_inflora import ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig
 
     V = vision_example()
@@ -87,9 +90,8 @@ def run(method: str, args, source: str, tasks, workdir: str):
                                energy_threshold=args.energy_threshold, total_tasks=len(tasks),
                                adaptive_threshold="adaptive" in method)
     elif method == "OSF":  # PEFT's OSF, run sequentially as in bench_quality.py
-        from peft import OSFConfig
-
         from bench_quality import OSFContinual
+        from peft import OSFConfig
 
         config = OSFConfig(target_modules=TARGETS, modules_to_save=["classifier"], effective_rank=0.5)
         callbacks = [OSFContinual(config, len(tasks))]
@@ -133,9 +135,10 @@ def run(method: str, args, source: str, tasks, workdir: str):
 
 def markdown(runs: list[dict], args) -> str:
     env = C.environment(args)
-    lines = [f"## Long sequence: {args.tasks} permuted-digit tasks (bench_long_sequence.py{' --quick' if args.quick else ''})",
-             "", f"torch {env['torch']}, peft {env['peft']}; tiny ViT (d_in = 64) pretrained on digits 0-3, InfLoRA / LoRA "
-             f"on {', '.join(TARGETS)}, r = {args.r}, lambda = {args.energy_threshold} (schedule to 1 over T), "
+    quick = " --quick" if args.quick else ""
+    lines = [f"## Long sequence: {args.tasks} permuted-digit tasks (bench_long_sequence.py{quick})",
+             "", f"torch {env['torch']}, peft {env['peft']}; tiny ViT (d_in = 64) pretrained on digits 0-3, InfLoRA / "
+             f"LoRA on {', '.join(TARGETS)}, r = {args.r}, lambda = {args.energy_threshold} (schedule to 1 over T), "
              f"{args.epochs} epochs per task, lr {args.lr}, seed {args.seed}, task-incremental.", "",
              "| method | tasks learned | A_T | A_avg | BWT | forgetting | last 5 tasks (final) | time s |",
              "|---|---|---|---|---|---|---|---|"]

@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+
 
 PHASES = ["lora_step", "inflora_step_task1", "inflora_step_task10", "begin_task_auto", "begin_task_full",
           "end_task_auto", "end_task_full"]

@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _plots  # noqa: E402
+
 
 METHODS = ["InfLoRA eigen", "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "OSF",
            "heads only", "joint LoRA"]
@@ -190,8 +192,7 @@ def merge(args) -> dict:
     """One table from several runs' ``quality.json`` (e.g. one folder per seed): runs of a method are pooled, each
     (method, seed) once. A (method, seed) found again in a later folder (a rerun, e.g. after a default changed)
     replaces the earlier run; ``replaced`` in the result lists them."""
-    from peft_inflora import ContinualResult
-    from peft_inflora import compare_table
+    from peft_inflora import ContinualResult, compare_table
 
     by_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> run, in the order first seen
     replaced: list[str] = []

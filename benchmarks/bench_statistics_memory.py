@@ -42,12 +42,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from bench_memory import PeakRSS  # noqa: E402
 
 from peft_inflora import subspace as S  # noqa: E402
 from peft_inflora.sketch import SKETCH_AUTO_SIZE, SketchAccumulator, SketchWarning  # noqa: E402
+
 
 R = 8
 THRESHOLD = 0.95

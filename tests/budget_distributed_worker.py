@@ -22,6 +22,7 @@ from torch import nn
 
 from peft_inflora.statistics import collect_statistics
 
+
 D, TOKENS, BATCHES, BUDGET = 8, 10, 12, 20
 
 

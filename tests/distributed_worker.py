@@ -7,8 +7,8 @@ of every dataloader) and writes the design of task 1 and the final adapter state
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
+
 
 sys.path.insert(0, os.path.dirname(__file__))
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402

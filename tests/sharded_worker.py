@@ -27,16 +27,18 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+
 sys.path.insert(0, os.path.dirname(__file__))
+import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, task_dataset  # noqa: E402
 
-import peft.peft_model  # noqa: E402
 from peft_inflora.distributed import (  # noqa: E402
     adapter_parameters,
     all_reduce_gradients,
     full_state_dict,
     save_adapter,
 )
+
 
 BATCH, EXAMPLES, LR = 8, 48, 5e-3
 MODES = ("single", "fsdp2", "zero2")

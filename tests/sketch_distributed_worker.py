@@ -13,6 +13,7 @@ import torch
 
 from peft_inflora.subspace import Memory, SketchAccumulator
 
+
 N, D, ELL = 300, 24, 5
 
 

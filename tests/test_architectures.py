@@ -26,11 +26,6 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-import peft_inflora
-from peft_inflora.statistics import collect_statistics
 from tiny_models import (
     arch_specs,
     mean_loss,
@@ -43,6 +38,11 @@ from tiny_models import (
     tiny_vit,
     train_steps,
 )
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peft_inflora
+from peft_inflora.statistics import collect_statistics
 
 
 ADAPTER = "default"

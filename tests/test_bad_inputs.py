@@ -34,6 +34,14 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import (
+    causal_lm_batches,
+    image_classification_batches,
+    text_classification_batches,
+    tiny_bert,
+    tiny_llama,
+    tiny_vit,
+)
 from torch import nn
 
 import peft_inflora
@@ -47,14 +55,6 @@ from peft_inflora import (
     UnknownConfigFieldError,
 )
 from peft_inflora.subspace import Memory, design_eigen
-from tiny_models import (
-    causal_lm_batches,
-    image_classification_batches,
-    text_classification_batches,
-    tiny_bert,
-    tiny_llama,
-    tiny_vit,
-)
 
 
 D_IN, D_HID, D_OUT = 16, 12, 4

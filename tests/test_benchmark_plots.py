@@ -16,6 +16,7 @@ import pytest
 
 from peft_inflora.continual.metrics import final_accuracy, forgetting
 
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 pytestmark = [

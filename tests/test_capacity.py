@@ -13,10 +13,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_model import D_IN, MLP, layer, make_mlp_model, run_tasks, subspace_batches
 
 from peft_inflora import InfLoRAConfig, SubspaceWarning
 from peft_inflora.subspace import Memory, captured_energy_ratio, memory_capacity, update_memory
-from test_model import D_IN, MLP, layer, make_mlp_model, run_tasks, subspace_batches
+
 
 T = 5
 

@@ -21,6 +21,7 @@ from sharded_worker import local_batches
 
 from peft_inflora.distributed import ShardedAdapterError, adapter_parameters, all_reduce_gradients
 
+
 HERE = Path(__file__).parent
 
 
@@ -54,7 +55,8 @@ def test_under_fsdp_every_process_stops_the_statistics_pass_after_the_same_batch
 @pytest.mark.multiprocess
 def test_two_processes_design_identically_and_like_one_process(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "distributed_worker.py"), str(tmp_path / "two")],
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          str(HERE / "distributed_worker.py"), str(tmp_path / "two")],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, str(HERE / "distributed_worker.py"), str(tmp_path / "one")],
@@ -220,7 +222,7 @@ def test_adapter_parameters_and_gradient_average_without_distributed():
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
 
 
-# ---------------------------------------------------------------------------------------------- is torch.distributed running
+# ------------------------------------------------------------------------------------ is torch.distributed running
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with the gloo backend is not available in this torch build")
 def test_is_distributed_is_true_exactly_while_a_process_group_runs(tmp_path):

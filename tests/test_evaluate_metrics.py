@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from continual_fixtures import inflora_bert, tasks, training_args
+
 from peft_inflora import ContinualTask, ContinualTrainer
 from peft_inflora.continual.evaluation import (
     SHIPPED_METRICS_DIR,

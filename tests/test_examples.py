@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
 

@@ -43,10 +43,11 @@ import torch
 from peft import PeftModel, convert_to_lora, get_peft_model, save_as_lora
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+from tiny_models import causal_lm_batches, text_classification_batches, tiny_bert, tiny_gpt2, train_steps
 from torch import nn
 
 from peft_inflora import InfLoRAConfig, LoraExport, TaskLifecycleError
-from tiny_models import causal_lm_batches, text_classification_batches, tiny_bert, tiny_gpt2, train_steps
+
 
 ATOL = 1e-5
 
@@ -358,14 +359,17 @@ def test_truncating_to_the_full_rank_reproduces_dW():
 def test_a_truncated_export_loads_in_peft_and_adds_exactly_its_factors(tmp_path):
     # query and value: 3 tasks of r=4 -> R=12; value rank_pattern 2 -> R=6; rank=8 -> query 8, value 6 (rank_pattern)
     torch.manual_seed(0)
-    model = get_peft_model(tiny_bert(), InfLoRAConfig(r=4, rank_pattern={"value": 2}, target_modules=["query", "value"],
-                                                      modules_to_save=["classifier"], init_weights=False))
+    config = InfLoRAConfig(r=4, rank_pattern={"value": 2}, target_modules=["query", "value"],
+                           modules_to_save=["classifier"], init_weights=False)
+    model = get_peft_model(tiny_bert(), config)
     learn_tasks(model, lambda t: text_classification_batches(seed=100 + t), 3, steps=0)
     factors = past_factors(model)
     export = model.to_lora(tmp_path / "k8", rank=8)
-    assert {n: l.rank for n, l in export.layers.items()} == {n: 8 if n.endswith("query") else 6 for n in factors}
+    assert {n: layer.rank for n, layer in export.layers.items()} == {
+        n: 8 if n.endswith("query") else 6 for n in factors}
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "k8")
-    lora_layers = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules() if isinstance(m, LoraLayer)}
+    lora_layers = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules()
+                   if isinstance(m, LoraLayer)}
     assert lora_layers.keys() == factors.keys()
     for name, (past_A, past_B) in factors.items():
         u, s, vt = np.linalg.svd(past_A @ past_B)
@@ -466,7 +470,8 @@ def assert_refused(model: PeftModel, out, error: type, match: str, **kwargs) -> 
 def test_a_task_in_progress_is_refused_until_end_task_or_abort_task(tmp_path):
     model = mlp_model(tasks=1)
     model.begin_task(mlp_batches(20), progress=False)
-    assert_refused(model, tmp_path / "out", TaskLifecycleError, r"in progress.*`end_task\(batches\)`.*`abort_task\(\)`")
+    assert_refused(model, tmp_path / "out", TaskLifecycleError,
+                   r"in progress.*`end_task\(batches\)`.*`abort_task\(\)`")
     model.abort_task()
     assert model.to_lora(tmp_path / "out").tasks == 1
 

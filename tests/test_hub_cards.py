@@ -10,15 +10,15 @@ import json
 import shutil
 
 import pytest
+from continual_fixtures import VOCAB, bert, inflora_bert, tasks, training_args
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from test_hub_revisions import FakeHub
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from continual_fixtures import VOCAB, bert, inflora_bert, tasks, training_args
 from peft_inflora import ContinualResult, ContinualTrainer
 from peft_inflora.continual.hub import HubPushError
-from test_hub_revisions import FakeHub
 
 
 PLACEHOLDER = "[More Information Needed]"

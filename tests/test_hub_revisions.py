@@ -23,13 +23,13 @@ import peft.utils.other
 import peft.utils.save_and_load
 import pytest
 import torch
+from continual_fixtures import bert, inflora_bert, tasks, training_args
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import CommitInfo, GitRefInfo, GitRefs, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel
 from transformers import TrainingArguments
 
-from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
 from peft_inflora.continual.hub import HubPushError, task_revision_name, task_revision_names, task_revisions
 

@@ -25,6 +25,7 @@ from peft_inflora import (
     TaskLifecycleError,
 )
 
+
 D_IN, D_HID, D_OUT = 16, 12, 4
 
 
@@ -486,7 +487,8 @@ def test_bert_query_and_value_share_one_design_per_block():
     layers = model.base_model.inflora_layers()
     for block in range(2):
         prefix = f"bert.encoder.layer.{block}.attention.self."
-        assert torch.equal(layers[prefix + "query"].inflora_B["default"], layers[prefix + "value"].inflora_B["default"])
+        query, value = layers[prefix + "query"], layers[prefix + "value"]
+        assert torch.equal(query.inflora_B["default"], value.inflora_B["default"])
     assert not torch.equal(layers["bert.encoder.layer.0.attention.self.query"].inflora_B["default"],
                            layers["bert.encoder.layer.1.attention.self.query"].inflora_B["default"])
     assert peft_inflora.InfLoRAConfig is InfLoRAConfig

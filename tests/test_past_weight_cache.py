@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
+from test_model import D_IN, layer, make_mlp_model, outputs, run_tasks, subspace_batches, train
 from torch.overrides import TorchFunctionMode
 
-from test_model import D_IN, layer, make_mlp_model, outputs, run_tasks, subspace_batches, train
 
 MATMULS = {"linear", "matmul", "mm", "addmm", "bmm", "__matmul__", "einsum"}
 
@@ -76,7 +76,6 @@ def test_the_cache_is_not_saved_and_a_reloaded_model_matches(tmp_path):
     assert not any("cache" in key for key in model.state_dict())
     model.save_pretrained(tmp_path)
     from peft import PeftModel
-
     from test_model import MLP
 
     torch.manual_seed(0)  # the base weights make_mlp_model started from

@@ -84,6 +84,7 @@ from torch import nn
 import peft_inflora
 from peft_inflora import InfLoRAConfig, InfLoRALayer, NoTaskInProgressError
 
+
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_PACKAGE = "peft_upstream_tests"
 

@@ -19,13 +19,13 @@ from peft import PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from peft.utils.integrations import dequantize_bnb_weight
 from safetensors.torch import load_file
+from tiny_models import causal_lm_batches, model_outputs, train_steps
 from torch import nn
 
 import peft_inflora  # noqa: F401  (registers "inflora")
 from peft_inflora import InfLoRAConfig, InfLoRALayer
 from peft_inflora.bnb import Linear4bit, Linear8bitLt, QuantizedMergeWarning
 from peft_inflora.statistics import collect_statistics
-from tiny_models import causal_lm_batches, model_outputs, train_steps
 
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install peft-inflora[bnb])")
@@ -438,10 +438,10 @@ def test_continual_trainer_learns_generation_tasks_on_a_quantized_base(kind, tmp
     """QLoRA-style continual fine-tuning end to end: ContinualTrainer over two instruction tasks on a quantized tiny
     Llama learns each task's answers exactly (greedy generation)."""
     datasets = pytest.importorskip("datasets")
+    from continual_fixtures import training_args
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast
 
-    from continual_fixtures import training_args
     from peft_inflora import ContinualTask, ContinualTrainer, tokenize_instruction_dataset
 
     words = "colour of grass sky animal that barks meows ? green blue dog cat".split()

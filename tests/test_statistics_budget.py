@@ -9,8 +9,14 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_inflora import InfLoRAConfig, StatisticsError
-from peft_inflora.statistics import (AUTO_BATCH_FRACTION, AUTO_TOKENS_PER_FEATURE, auto_batch_limit,
-                                    collect_statistics, token_budget)
+from peft_inflora.statistics import (
+    AUTO_BATCH_FRACTION,
+    AUTO_TOKENS_PER_FEATURE,
+    auto_batch_limit,
+    collect_statistics,
+    token_budget,
+)
+
 
 D = 8
 

@@ -41,6 +41,7 @@ from peft_inflora.subspace import (
     uses_sketch,
 )
 
+
 HERE = Path(__file__).parent
 
 

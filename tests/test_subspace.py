@@ -21,6 +21,7 @@ from peft_inflora.subspace import (
     update_memory,
 )
 
+
 SCALE = 1.0 / math.sqrt(3.0)
 
 

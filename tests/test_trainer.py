@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
 from peft_inflora.continual.heads import ensure_head_size, find_head
 

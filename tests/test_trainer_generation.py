@@ -5,11 +5,11 @@ from __future__ import annotations
 import datasets
 import pytest
 import torch
+from continual_fixtures import training_args
 from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from continual_fixtures import training_args
 from peft_inflora import ContinualTask, ContinualTrainer, InfLoRAConfig, tokenize_instruction_dataset
 
 

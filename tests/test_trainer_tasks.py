@@ -13,10 +13,10 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft import PeftModel, get_peft_model
 from transformers import HfArgumentParser, TrainingArguments
 
-from continual_fixtures import bert, inflora_bert, tasks, training_args
 from peft_inflora import (
     ContinualCallback,
     ContinualResult,

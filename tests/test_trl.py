@@ -15,6 +15,7 @@ pytest.importorskip("trl")
 import datasets  # noqa: E402
 import torch  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import HfArgumentParser, PreTrainedTokenizerFast  # noqa: E402
 
@@ -22,7 +23,6 @@ import peft_inflora.model  # noqa: E402
 from peft_inflora import ContinualTask, ContinualTrainingArguments, InfLoRAConfig  # noqa: E402
 from peft_inflora.continual import ContinualArguments  # noqa: E402
 from peft_inflora.trl import ContinualSFTConfig, ContinualSFTTrainer  # noqa: E402
-from tiny_models import tiny_llama  # noqa: E402
 
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[USER]", "[ASSISTANT]"]  # ids 0, 1, 2 as in tiny_llama's config

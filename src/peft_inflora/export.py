@@ -68,6 +68,7 @@ from .subspace.factors import (  # noqa: F401  (public here too: the export's ma
     spectrum_of_product,
 )
 
+
 #: ``rank`` of an export: ``None`` (exact), an int ``k >= 1`` (largest rank per layer), a float in ``(0, 1]`` (share
 #: of each layer's energy to keep)
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"

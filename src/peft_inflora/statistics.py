@@ -161,8 +161,9 @@ class InputStatisticsCollector:
             known = self.leader_of.setdefault(name, leader)
             if known != leader:
                 raise StatisticsError(
-                    f"Layer '{name}' read the input of '{leader}' in one batch and of '{known}' in another: the model's "
-                    "input sharing changes between batches. Set `share_input_statistics=False` in the InfLoRAConfig."
+                    f"Layer '{name}' read the input of '{leader}' in one batch and of '{known}' in another: the "
+                    "model's input sharing changes between batches. Set `share_input_statistics=False` in the "
+                    "InfLoRAConfig."
                 )
             if leader != name:
                 if name not in self.groups[leader].names:
