@@ -192,6 +192,20 @@ def test_alignment_fixes_a_biased_head(decay, temperature):
     assert torch.equal(head.weight[4:], untouched[0]) and torch.equal(head.bias[4:], untouched[1])
 
 
+def test_alignment_of_the_last_task_only_keeps_the_old_rows():
+    head, stats, x, y = separable_problem()
+    with torch.no_grad():
+        head.bias[:2] = 0.0  # task 0's rows are right; task 1's are biased down
+        head.bias[2:4] = -8.0
+    old = head.weight[:2].clone(), head.bias[:2].clone()
+    assert float((head(x)[:, :4].argmax(-1) == y).float().mean()) < 0.6
+    align_classifier(head, stats, trainable_tasks=[1], logit_temperature=None, mean_decay=False, epochs=15)
+    assert torch.equal(head.weight[:2], old[0]) and torch.equal(head.bias[:2], old[1])
+    assert float((head(x)[:, :4].argmax(-1) == y).float().mean()) > 0.95
+    with pytest.raises(ValueError, match="trainable_tasks"):
+        align_classifier(head, stats, trainable_tasks=[5])
+
+
 def test_alignment_is_deterministic_for_a_seed():
     heads = []
     for seed in (0, 0, 1):

@@ -305,9 +305,11 @@ def task_normalized_logits(logits: torch.Tensor, task_of_column: torch.Tensor, t
 def align_classifier(head: nn.Module, statistics: ClassStatistics, *, epochs: int = 5,
                      samples_per_class: int = 256, lr: float = 0.01, momentum: float = 0.9,
                      weight_decay: float = 5e-4, mean_decay: bool = True, logit_temperature: Optional[float] = 0.1,
-                     shrinkage: float = 0.0, ridge: float = 1e-4, seed: int = 0) -> list[float]:
+                     shrinkage: float = 0.0, ridge: float = 1e-4, seed: int = 0,
+                     trainable_tasks: Optional[Sequence[int]] = None) -> list[float]:
     """Re-train the rows of ``head`` (an ``nn.Linear``) of every class in ``statistics`` on Gaussian samples of
-    those classes: the authors' classifier alignment. Other rows are untouched.
+    those classes: the authors' classifier alignment. Other rows are untouched; with ``trainable_tasks`` only the
+    rows of those tasks' classes train (the others still compete in the loss, unchanged).
 
     Per epoch ``e < epochs``: draw ``samples_per_class`` features of each class ``c``
     (:meth:`ClassStatistics.sample`, mean scaled by ``0.9 + 0.1 (t_c + 1) / (t + 1)`` when ``mean_decay``, ``t_c``
@@ -335,10 +337,20 @@ def align_classifier(head: nn.Module, statistics: ClassStatistics, *, epochs: in
         raise ValueError(f"logit_temperature must be > 0 or None (off), got {logit_temperature}.")
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}.")
+    trains = torch.ones(len(rows), dtype=torch.bool)
+    if trainable_tasks is not None:
+        trains = torch.isin(statistics.tasks, torch.as_tensor(list(trainable_tasks), dtype=torch.long))
+        if not trains.any():
+            raise ValueError(f"trainable_tasks={list(trainable_tasks)} holds none of the stored tasks "
+                             f"{sorted(set(statistics.tasks.tolist()))}.")
     generator = torch.Generator().manual_seed(seed)
     device, dtype = head.weight.device, head.weight.dtype
-    weight = nn.Parameter(head.weight.detach()[rows].clone())
-    bias = nn.Parameter(head.bias.detach()[rows].clone()) if head.bias is not None else None
+    trained, fixed = rows[trains], rows[~trains]
+    columns = torch.argsort(torch.cat([torch.nonzero(trains)[:, 0], torch.nonzero(~trains)[:, 0]])).to(device)
+    weight = nn.Parameter(head.weight.detach()[trained].clone())
+    bias = nn.Parameter(head.bias.detach()[trained].clone()) if head.bias is not None else None
+    fixed_weight = head.weight.detach()[fixed].clone()
+    fixed_bias = head.bias.detach()[fixed].clone() if head.bias is not None else None
     params = [weight] + ([bias] if bias is not None else [])
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -359,6 +371,8 @@ def align_classifier(head: nn.Module, statistics: ClassStatistics, *, epochs: in
             xb, yb = x[step * samples_per_class:(step + 1) * samples_per_class], y[step * samples_per_class:
                                                                                    (step + 1) * samples_per_class]
             logits = nn.functional.linear(xb, weight, bias)
+            if len(fixed):  # stored-class order: trained columns first, then fixed ones, put back in place
+                logits = torch.cat([logits, nn.functional.linear(xb, fixed_weight, fixed_bias)], 1)[:, columns]
             if logit_temperature is not None:
                 logits = task_normalized_logits(logits, task_of_column, logit_temperature)
             loss = nn.functional.cross_entropy(logits, yb)
@@ -371,9 +385,9 @@ def align_classifier(head: nn.Module, statistics: ClassStatistics, *, epochs: in
     if not all(math.isfinite(v) for v in losses):
         raise ValueError(f"Alignment diverged (losses {losses}); the head was not changed: lower lr.")
     with torch.no_grad():
-        head.weight[rows.to(device)] = weight.detach()
+        head.weight[trained.to(device)] = weight.detach()
         if bias is not None:
-            head.bias[rows.to(device)] = bias.detach()
+            head.bias[trained.to(device)] = bias.detach()
     return losses
 
 
