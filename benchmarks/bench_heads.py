@@ -121,6 +121,8 @@ class HeadStudyTrainer(ContinualTrainer):
         self._train_recorder.__enter__()  # records only when set_labels was called (the last epoch's forwards)
         if variant == "cosine":
             head.register_forward_hook(self._cosine_logits)
+        self._head_input: torch.Tensor | None = None
+        head.register_forward_pre_hook(lambda module, args: setattr(self, "_head_input", args[0]))
         if self.is_inflora:  # piggyback on end_task's statistics pass
             peft_model = self.peft_model
             original = peft_model.base_model.end_task
@@ -139,8 +141,20 @@ class HeadStudyTrainer(ContinualTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         last_epoch = self.state.epoch is not None and self.state.epoch >= self.args.num_train_epochs - 1 - 1e-9
         self._train_recorder.set_labels(inputs["labels"] if last_epoch else None)
-        if self.variant != "pseudo" or self._sampler is None:
+        if self.variant not in ("pseudo", "pseudo_detached") or self._sampler is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.variant == "pseudo_detached":
+            # the paper's task-local loss trains backbone and new rows; a head-only loss over every seen class on
+            # the batch's (detached) features and old-class pseudo-features calibrates the new rows against the old
+            lo, hi = self._task_classes
+            labels = inputs["labels"]
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            features = self._head_input.detach()
+            per_class = max(1, math.ceil(labels.numel() / (hi - lo)))
+            px, py = self._sampler.sample(per_class, self._generator)
+            calib = self._head()[1](torch.cat([features, px.to(features.device, features.dtype)]))[:, :hi]
+            loss = loss + F.cross_entropy(calib.float(), torch.cat([labels, py.to(labels.device)]))
+            return (loss, outputs) if return_outputs else loss
         # old-class pseudo-features as negatives: cross-entropy over every seen class on the real batch and on as
         # many Gaussian draws per old class as the batch holds per new class
         lo, hi = self._task_classes
@@ -202,12 +216,12 @@ class HeadStudyTrainer(ContinualTrainer):
         self.dumps.append({"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
                            "classes": self._class_ranges[index], "sources": sources, "test": [],
                            "trainer_accuracy": [], "full_pass_seconds": full_seconds})
-        if self.variant in ("pseudo", "online_ca"):
+        if self.variant in ("pseudo", "pseudo_detached", "online_ca"):
             if self._stats is None:
                 self._stats = ClassStatistics(head.in_features, "full")
             x, y = sources[self.pseudo_source]
             self._stats.add_task(accumulate(x, y, head.in_features), index)
-        if self.variant == "pseudo":
+        if self.variant in ("pseudo", "pseudo_detached"):
             self._sampler = GaussianSampler(self._stats)
         if self.variant == "online_ca" and index > 0:  # the parity check of the offline evaluation
             align_classifier(head, self._stats, mean_decay=True, logit_temperature=0.1, seed=1000 * self.seed + index)
@@ -242,7 +256,7 @@ def train_runs(args, tasks, tokenizer) -> None:
                 t0 = time.perf_counter()
                 result = trainer.train_continual(tasks)
                 seconds = time.perf_counter() - t0
-            suffix = f"_{args.pseudo_source}" if variant in ("pseudo", "online_ca") else ""
+            suffix = f"_{args.pseudo_source}" if variant in ("pseudo", "pseudo_detached", "online_ca") else ""
             name = f"{args.backbone}_{variant}{suffix}"
             torch.save({"dumps": trainer.dumps, "matrix": result.accuracy_matrix, "seconds": seconds,
                         "task_names": result.task_names, "variant": variant}, cache / f"{name}_seed{seed}.pt")
@@ -292,6 +306,21 @@ def head_methods(source: str) -> dict[str, dict]:
         f"CA plain, shared cov{s}": dict(kind="ca", storage="shared", mean_decay=False, logit_temperature=None),
         f"CA plain, lowrank 16{s}": dict(kind="ca", storage="lowrank", rank=16, mean_decay=False,
                                          logit_temperature=None),
+        f"CA new task's rows only (plain){s}": dict(kind="ca", mean_decay=False, logit_temperature=None,
+                                                    new_only=True),
+        f"CA new task's rows only (norm 0.1){s}": dict(kind="ca", mean_decay=False, logit_temperature=0.1,
+                                                       new_only=True),
+        f"CA new task's rows only (norm 0.1), shared cov{s}": dict(kind="ca", mean_decay=False,
+                                                                   logit_temperature=0.1, new_only=True,
+                                                                   storage="shared"),
+        f"CA new task's rows only (norm 0.1), lowrank 16{s}": dict(kind="ca", mean_decay=False,
+                                                                   logit_temperature=0.1, new_only=True,
+                                                                   storage="lowrank", rank=16),
+        f"CA norm 0.1, no decay{s}": dict(kind="ca", mean_decay=False, logit_temperature=0.1),
+        f"CA authors, shared cov{s}": dict(kind="ca", mean_decay=True, logit_temperature=0.1, storage="shared"),
+        f"CA authors, lowrank 16{s}": dict(kind="ca", mean_decay=True, logit_temperature=0.1, storage="lowrank",
+                                           rank=16),
+        f"NCM (cosine to class means){s}": dict(kind="ncm"),
         f"LDA shrinkage 0.1{s}": dict(kind="lda", shrinkage=0.1),
         f"LDA shrinkage 0.5{s}": dict(kind="lda", shrinkage=0.5),
         f"LDA shrinkage 0.5, lowrank 16{s}": dict(kind="lda", shrinkage=0.5, storage="lowrank", rank=16),
@@ -319,8 +348,13 @@ def simulate(run: dict, method: dict, source: str, seed: int, head_kind: str) ->
             if t > 0:  # the authors align from the second task on
                 align_classifier(head, stats, mean_decay=method["mean_decay"],
                                  logit_temperature=method["logit_temperature"],
-                                 shrinkage=method.get("shrinkage", 0.0), seed=1000 * seed + t)
+                                 shrinkage=method.get("shrinkage", 0.0), seed=1000 * seed + t,
+                                 trainable_tasks=[t] if method.get("new_only") else None)
             fn = linear(head.weight.detach(), head.bias.detach())
+        elif method["kind"] == "ncm":
+            means = torch.zeros(rows_n, d)
+            means[stats.classes] = stats.means.float()
+            fn = cosine(means)
         elif method["kind"] == "lda":
             fn = linear(*lda_head(stats, method["shrinkage"], rows_n))
         else:  # logit adjustment: logits - log prior from the stored counts (tau = 1)
@@ -423,7 +457,7 @@ def main(argv=None):
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--backbone", default="inflora", choices=["inflora", "lora"])
     p.add_argument("--train", default="",
-                   help="comma-separated training variants to run: base, pseudo, cosine, online_ca")
+                   help="comma-separated training variants to run: base, pseudo, pseudo_detached, cosine, online_ca")
     p.add_argument("--pseudo_source", default="full", choices=list(SOURCES))
     p.add_argument("--analyze", action="store_true", help="evaluate the head methods on the recorded runs")
     p.add_argument("--runs", default="inflora_base", help="recorded runs to analyze (e.g. inflora_base,lora_base)")

@@ -99,3 +99,22 @@ def test_bench_long_sequence_quick(tmp_path):
         assert len(free) == 3 and free == sorted(free, reverse=True) and runs[method]["rank_given"] == [2, 2, 2]
     assert not runs["OSF"]["min_free_dimension_after_task"]  # capacity is an InfLoRA report
     assert "| heads only | 3 |" in (tmp_path / "long_sequence_quick.md").read_text()
+
+
+def test_bench_heads_quick_offline_alignment_equals_online(tmp_path):
+    """bench_heads evaluates post-hoc heads offline on one recorded backbone run: the authors' alignment run inside
+    the trainer must leave the backbone bit for bit unchanged and give the same matrix as the offline evaluation."""
+    import torch
+
+    heads = load("heads")
+    args = ["--quick", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    result = heads.main(args + ["--train", "base,online_ca", "--analyze", "--runs", "inflora_base", "--sources",
+                                "full", "--methods", "CA authors (decay, norm 0.1)"])
+    base = torch.load(tmp_path / "cache" / "inflora_base_seed0.pt", weights_only=False)
+    online = torch.load(tmp_path / "cache" / "inflora_online_ca_full_seed0.pt", weights_only=False)
+    for a, b in zip(base["dumps"], online["dumps"]):
+        assert torch.equal(a["sources"]["full"][0], b["sources"]["full"][0])
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(a["test"], b["test"]))
+    offline = result["inflora_base: CA authors (decay, norm 0.1) [full]"]["matrices"][0]
+    assert offline == online["matrix"]
+    assert "| inflora_base: trained head |" in (tmp_path / "heads_quick.md").read_text()
