@@ -375,6 +375,7 @@ def summarize(matrices: list[list[list[float]]]) -> dict:
     diag = np.array([[100 * m[j][j] for j in range(len(m))] for m in matrices])
     final = np.array([[100 * v for v in m[-1]] for m in matrices])
     out["own"] = diag.mean(0).tolist()
+    out["own_std"] = (diag.std(0, ddof=1) if len(diag) > 1 else 0 * diag[0]).tolist()
     out["own_min"] = float(diag.min())
     out["final"] = final.mean(0).tolist()
     return out
@@ -410,7 +411,7 @@ def analyze(args) -> dict:
         for label, per_seed in entries.items():
             summary = summarize(list(per_seed.values()))
             results[label] = {"summary": summary, "matrices": per_seed}
-            own = " / ".join(f"{v:.1f}" for v in summary["own"])
+            own = " / ".join(f"{v:.1f} ± {e:.1f}" for v, e in zip(summary["own"], summary["own_std"]))
             final = " / ".join(f"{v:.1f}" for v in summary["final"])
             lines.append(f"| {label} | {len(per_seed)} | {fmt(summary['A_T'])} | {fmt(summary['A_avg'])} | "
                          f"{fmt(summary['BWT'])} | {fmt(summary['forgetting'])} | {own} | "
