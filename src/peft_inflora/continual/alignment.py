@@ -25,7 +25,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-
 STORAGES = ("full", "shared", "lowrank")
 
 

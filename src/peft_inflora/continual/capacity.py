@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from .. import SubspaceWarning
 
-
 __all__ = ["capacity_record", "capacity_warning", "report_capacity"]
 
 

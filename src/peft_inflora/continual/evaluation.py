@@ -26,7 +26,6 @@ from torch import nn
 
 from .heads import ClassRange
 
-
 AnswerMetric = Callable[[list[str], list[str]], float]
 # what scores a task: an evaluate module, its name or local path, or f(predictions, references) -> float | dict
 MetricLike = Union[str, os.PathLike, Any, Callable[[Any, Any], Any]]

@@ -38,7 +38,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
 __all__ = [
     "average_incremental_accuracy",
     "backward_transfer",

@@ -14,7 +14,6 @@ import numpy as np
 
 from .metrics import incremental_accuracies
 
-
 if TYPE_CHECKING:
     from .result import ContinualResult
 
