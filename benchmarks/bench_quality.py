@@ -31,9 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import _plots  # noqa: E402
+
 
 METHODS = ["InfLoRA eigen", "InfLoRA + authors' CA", "InfLoRA + new-rows CA", "InfLoRA (all batches) + new-rows CA",
            "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "sequential LoRA + new-rows CA", "OSF",
@@ -205,7 +207,9 @@ def markdown(result: dict, table: str) -> str:
              + ("tiny random BERT, tiny data (smoke run: the numbers mean nothing)." if env["quick"]
                 else "all-MiniLM-L6-v2.")
              + (" Head and LoRA initialisation per seed." if result.get("init_per_seed", True)
-                else " Head and LoRA initialisation of seed 0 for every seed."), "", table, "",
+                else " Head and LoRA initialisation of seed 0 for every seed"
+                + (f" in {', '.join(result['seed_zero_init'])} (earlier runs), per seed in the others."
+                   if result.get("seed_zero_init") else ".")), "", table, "",
              "Accuracy (%) on each task right after its own training, and at the end (mean ± std over seeds):", "",
              own_and_final_table(result), ""]
     joint = result["runs"].get("joint LoRA")
@@ -230,9 +234,12 @@ def merge(args) -> dict:
     by_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> run, in the order first seen
     replaced: list[str] = []
     task_names, environment = None, None
+    seed_zero_init: set[str] = set()  # methods pooled from runs made before the per-seed initialisation
     for folder in [f.strip() for f in args.merge.split(",") if f.strip()]:
         data = __import__("json").loads((Path(folder) / "quality.json").read_text())
         task_names, environment = data["task_names"], data["environment"]
+        if not data.get("init_per_seed", False):
+            seed_zero_init.update(data["runs"])
         for method, method_runs in data["runs"].items():
             for seed, run in zip(data["seeds"], method_runs):
                 if seed in by_seed.setdefault(method, {}):
@@ -245,6 +252,7 @@ def merge(args) -> dict:
     seeds = sorted({s for ss in seeds_of.values() for s in ss})
     result = {"seeds": seeds, "seeds_per_method": {m: seeds_of[m] for m in order}, "methods": order,
               "task_names": task_names, "runs": runs, "merged_from": args.merge, "replaced": replaced,
+              "init_per_seed": not seed_zero_init, "seed_zero_init": sorted(seed_zero_init),
               "environment": {**environment, "quick": False}}
     path = C.write_results(args, "quality", result, markdown(result, compare_table(continual)))
     _plots.write_quality_plots(result, path)  # quality_accuracy.png, quality_forgetting.png
@@ -279,7 +287,7 @@ def main(argv=None) -> dict:
         for method in methods:
             for seed in seeds:
                 result = run(method, seed, tasks, tokenizer, args.quick, args.r,
-                             str(Path(tmp) / f"{method.replace(' ', '_').replace(',', '').replace(chr(39), '')}_{seed}"),
+                             str(Path(tmp) / f"{''.join(ch for ch in method if ch.isalnum())}_{seed}"),
                              init_per_seed=not args.init_seed_zero)
                 runs.setdefault(method, []).append(result)
                 metrics = result if isinstance(result, dict) else result.metrics()

@@ -11,24 +11,38 @@ memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its metrics)
 (matplotlib, imported only there).
 """
 
-from .alignment import (ClassFeatureAccumulator, ClassStatistics,
-                        HeadInputRecorder, align_classifier,
-                        collect_class_statistics, storage_bytes)
-from .arguments import (CLASS_STATISTICS_SOURCES, CLASSIFIER_ALIGNMENTS,
-                        LOSS_CLASSES, SETTINGS, ContinualArguments,
-                        ContinualSeq2SeqTrainingArguments, ContinualTask,
-                        ContinualTrainingArguments)
-from .evaluation import (TaskMetric, exact_match, load_metric,
-                         normalize_answer, tokenize_instruction_dataset)
-from .head_alignment import (CLASS_STATISTICS_FILE, load_class_statistics,
-                             save_class_statistics)
-from .hub import (HubPushError, task_revision_name, task_revision_names,
-                  task_revisions)
+from .alignment import (
+    ClassFeatureAccumulator,
+    ClassStatistics,
+    HeadInputRecorder,
+    align_classifier,
+    collect_class_statistics,
+    storage_bytes,
+)
+from .arguments import (
+    CLASS_STATISTICS_SOURCES,
+    CLASSIFIER_ALIGNMENTS,
+    LOSS_CLASSES,
+    SETTINGS,
+    ContinualArguments,
+    ContinualSeq2SeqTrainingArguments,
+    ContinualTask,
+    ContinualTrainingArguments,
+)
+from .evaluation import TaskMetric, exact_match, load_metric, normalize_answer, tokenize_instruction_dataset
+from .head_alignment import CLASS_STATISTICS_FILE, load_class_statistics, save_class_statistics
+from .hub import HubPushError, task_revision_name, task_revision_names, task_revisions
 from .loop import ContinualCallback, ContinualMixin
-from .metrics import (average_incremental_accuracy, backward_transfer,
-                      final_accuracy, forgetting, incremental_accuracies)
+from .metrics import (
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+    incremental_accuracies,
+)
 from .result import RESULT_FILE, ContinualResult, compare_table
 from .trainer import ContinualSeq2SeqTrainer, ContinualTrainer
+
 
 __all__ = [
     "CLASSIFIER_ALIGNMENTS",

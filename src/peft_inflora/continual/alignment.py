@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+
 STORAGES = ("full", "shared", "lowrank")
 
 

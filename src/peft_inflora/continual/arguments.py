@@ -18,6 +18,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .alignment import STORAGES
 
+
 SETTINGS = ("class_incremental", "task_incremental", "generation")
 LOSS_CLASSES = ("task", "seen")
 # classifier alignment after each task (see head_alignment.py): "auto" = "new_rows" for class_incremental, else "none"

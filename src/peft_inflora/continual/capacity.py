@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from .. import SubspaceWarning
 
+
 __all__ = ["capacity_record", "capacity_warning", "report_capacity"]
 
 

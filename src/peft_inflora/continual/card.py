@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .metrics import _METRICS, _markdown
 from .result import ContinualResult
 
+
 __all__ = ["CARD_TAGS", "TRAINING_OPTIONS", "CardLocation", "build_model_card", "hub_base_model", "pipeline_tag"]
 
 CARD_TAGS = ("peft", "inflora", "continual-learning")

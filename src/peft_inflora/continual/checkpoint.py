@@ -31,6 +31,7 @@ from .arguments import ContinualTask
 from .heads import ClassRange, class_ranges, num_task_classes, to_global_labels
 from .result import RESULT_FILE, ContinualResult
 
+
 CONTINUAL_DIR = "continual"
 PROGRESS_FILE = "progress.json"
 ARGUMENTS_FILE = "training_args.json"

@@ -26,6 +26,7 @@ from torch import nn
 
 from .heads import ClassRange
 
+
 AnswerMetric = Callable[[list[str], list[str]], float]
 # what scores a task: an evaluate module, its name or local path, or f(predictions, references) -> float | dict
 MetricLike = Union[str, os.PathLike, Any, Callable[[Any, Any], Any]]

@@ -27,9 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .alignment import (ClassFeatureAccumulator, ClassStatistics,
-                        HeadInputRecorder, align_classifier,
-                        collect_class_statistics)
+from .alignment import (
+    ClassFeatureAccumulator,
+    ClassStatistics,
+    HeadInputRecorder,
+    align_classifier,
+    collect_class_statistics,
+)
+
 
 CLASS_STATISTICS_FILE = "class_statistics.safetensors"
 
@@ -57,9 +62,7 @@ def load_class_statistics(source: Union[str, os.PathLike], revision: Optional[st
     if folder.exists():  # a file: not a saved adapter folder
         return None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError,
-                                        RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         path = hf_hub_download(str(source), CLASS_STATISTICS_FILE, revision=revision, token=token)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .arguments import ContinualTask
 
+
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
 
 __all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "check_local_labels", "class_ranges", "ensure_head_size",

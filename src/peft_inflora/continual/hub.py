@@ -37,10 +37,10 @@ from huggingface_hub import ModelCard
 from transformers.trainer_utils import HubStrategy
 
 from .card import TRAINING_OPTIONS, CardLocation, build_model_card
-from .checkpoint import (LOCAL_FILES, PLOT_FILES, TASK_REVISION_RECORD,
-                         checkpoint_dir, write_result)
+from .checkpoint import LOCAL_FILES, PLOT_FILES, TASK_REVISION_RECORD, checkpoint_dir, write_result
 from .head_alignment import CLASS_STATISTICS_FILE
 from .result import RESULT_FILE, ContinualResult
+
 
 __all__ = ["HUB_FILES", "HubMixin", "HubPushError", "task_revision_name", "task_revision_names", "task_revisions"]
 

@@ -25,21 +25,25 @@ from peft import PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import set_seed
 
-from .arguments import (ContinualArguments, ContinualTask,
-                        ContinualTrainingArguments, task_record)
+from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
 from .card import CardLocation
-from .checkpoint import (SequenceSoFar, load_adapter_state, resolve_sequence,
-                         save_after_task, task_run_dir)
-from .evaluation import (AnswerMetric, TaskMetric, classification_accuracy,
-                         generate_answers, score_answers)
-from .head_alignment import (CLASS_STATISTICS_FILE, HeadAlignment,
-                             load_class_statistics)
-from .heads import (ClassRange, FrozenHeadRows, HeadLossMixin,
-                    check_local_labels, ensure_head_size, find_head,
-                    num_task_classes, to_global_labels)
+from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
+from .evaluation import AnswerMetric, TaskMetric, classification_accuracy, generate_answers, score_answers
+from .head_alignment import CLASS_STATISTICS_FILE, HeadAlignment, load_class_statistics
+from .heads import (
+    ClassRange,
+    FrozenHeadRows,
+    HeadLossMixin,
+    check_local_labels,
+    ensure_head_size,
+    find_head,
+    num_task_classes,
+    to_global_labels,
+)
 from .hub import HubMixin, task_revision_names
 from .result import ContinualResult
+
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
 

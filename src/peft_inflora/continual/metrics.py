@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+
 __all__ = [
     "average_incremental_accuracy",
     "backward_transfer",

@@ -14,6 +14,7 @@ import numpy as np
 
 from .metrics import incremental_accuracies
 
+
 if TYPE_CHECKING:
     from .result import ContinualResult
 

@@ -14,9 +14,21 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from .metrics import (_METRICS, _accuracy, _as_triangle, _cell, _json_default,
-                      _markdown, _pct, _seconds, average_incremental_accuracy,
-                      backward_transfer, final_accuracy, forgetting)
+from .metrics import (
+    _METRICS,
+    _accuracy,
+    _as_triangle,
+    _cell,
+    _json_default,
+    _markdown,
+    _pct,
+    _seconds,
+    average_incremental_accuracy,
+    backward_transfer,
+    final_accuracy,
+    forgetting,
+)
+
 
 RESULT_FILE = "continual_result.json"  # the name under which a run's result is saved next to its adapter
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from transformers import Seq2SeqTrainer, Trainer
 
-from .arguments import (ContinualSeq2SeqTrainingArguments,
-                        ContinualTrainingArguments)
+from .arguments import ContinualSeq2SeqTrainingArguments, ContinualTrainingArguments
 from .loop import ContinualMixin
+
 
 __all__ = ["ContinualSeq2SeqTrainer", "ContinualTrainer"]
 

@@ -26,12 +26,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+
 try:
-    from trl import (SFTConfig, SFTTrainer, is_conversational,
-                     is_conversational_from_value)
-    from trl.chat_template_utils import (get_training_chat_template,
-                                         has_generation_markers,
-                                         is_chat_template_stop_token_trained)
+    from trl import SFTConfig, SFTTrainer, is_conversational, is_conversational_from_value
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+        is_chat_template_stop_token_trained,
+    )
 except ImportError as err:  # pragma: no cover - exercised in a subprocess without trl
     raise ImportError(
         "peft_inflora.trl needs TRL (the optional `trl` extra): pip install \"peft-inflora[trl]\"") from err
@@ -40,6 +42,7 @@ from datasets import Dataset, IterableDataset
 
 from .arguments import ContinualArguments, ContinualTask
 from .loop import ContinualMixin
+
 
 __all__ = ["ContinualSFTConfig", "ContinualSFTTrainer"]
 

@@ -8,6 +8,7 @@ import datasets
 import evaluate
 import numpy
 
+
 _DESCRIPTION = "The fraction of predictions equal to their reference: mean_n [prediction_n == reference_n]."
 _KWARGS_DESCRIPTION = """
 Args:

@@ -10,6 +10,7 @@ import evaluate
 
 from peft_inflora.continual.evaluation import normalize_answer
 
+
 _DESCRIPTION = "The fraction of answers equal to their reference after lowercasing and collapsing whitespace."
 _KWARGS_DESCRIPTION = """
 Args:
