@@ -234,19 +234,20 @@ def merge(args) -> dict:
     by_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> run, in the order first seen
     replaced: list[str] = []
     task_names, environment = None, None
-    seed_zero_init: set[str] = set()  # methods pooled from runs made before the per-seed initialisation
+    seed_zero: set[tuple[str, int]] = set()  # (method, seed) runs made before the per-seed initialisation
     for folder in [f.strip() for f in args.merge.split(",") if f.strip()]:
         data = __import__("json").loads((Path(folder) / "quality.json").read_text())
         task_names, environment = data["task_names"], data["environment"]
-        if not data.get("init_per_seed", False):
-            seed_zero_init.update(data["runs"])
+        per_seed_init = data.get("init_per_seed", False)
         for method, method_runs in data["runs"].items():
             for seed, run in zip(data["seeds"], method_runs):
                 if seed in by_seed.setdefault(method, {}):
                     replaced.append(f"{method} seed {seed} (by {folder})")
                 by_seed[method][seed] = run
+                (seed_zero.discard if per_seed_init else seed_zero.add)((method, seed))
     order = [m for m in METHODS if m in by_seed] + [m for m in by_seed if m not in METHODS]
     runs = {m: list(by_seed[m].values()) for m in order}
+    seed_zero_init = {m for m, _ in seed_zero}
     seeds_of = {m: list(by_seed[m]) for m in order}
     continual = {m: [ContinualResult.from_dict(r) for r in rs] for m, rs in runs.items() if m != "joint LoRA"}
     seeds = sorted({s for ss in seeds_of.values() for s in ss})

@@ -23,7 +23,7 @@ from test_hub_revisions import FakeHub
 
 PLACEHOLDER = "[More Information Needed]"
 ADAPTER_FILES = {"README.md", "accuracy_curve.png", "accuracy_matrix.png", "adapter_config.json",
-                 "adapter_model.safetensors", "continual_result.json"}
+                 "adapter_model.safetensors", "class_statistics.safetensors", "continual_result.json"}
 
 
 @pytest.fixture(scope="module")
