@@ -37,8 +37,15 @@ import _common as C  # noqa: E402
 import _plots  # noqa: E402
 
 
-METHODS = ["InfLoRA eigen", "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "OSF",
+METHODS = ["InfLoRA eigen", "InfLoRA + authors' CA", "InfLoRA + new-rows CA", "InfLoRA (all batches) + new-rows CA",
+           "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "sequential LoRA + new-rows CA", "OSF",
            "heads only", "joint LoRA"]
+
+
+def alignment_of(method: str) -> str:
+    """The trainer's ``classifier_alignment`` of a method: ``authors`` / ``new_rows`` where its name says so,
+    else ``none`` (explicitly: the trainer's default for class_incremental is ``new_rows``)."""
+    return "authors" if "authors' CA" in method else "new_rows" if "new-rows CA" in method else "none"
 
 
 def has_osf() -> bool:
@@ -47,12 +54,12 @@ def has_osf() -> bool:
     return hasattr(peft, "OSFConfig")
 
 
-def make_model(method: str, quick: bool, num_labels: int, n_tasks: int, r: int):
+def make_model(method: str, quick: bool, num_labels: int, n_tasks: int, r: int, init_seed: int = 0):
     from peft import LoraConfig, get_peft_model
 
     from peft_inflora import InfLoRAConfig
 
-    base = C.load_classifier(quick, num_labels=num_labels)
+    base = C.load_classifier(quick, num_labels=num_labels, seed=init_seed)  # head (and LoRA) initialisation
     targets, head = C.TARGETS, ["classifier"]
     if method.startswith("InfLoRA"):
         config = InfLoRAConfig(r=r, target_modules=targets, modules_to_save=head, energy_threshold=0.95,
@@ -102,10 +109,11 @@ class OSFContinual(_osf_callback_base()):
                 module.update_layer(name, rank, config=self.config)
 
 
-def training_args(out: str, quick: bool, seed: int):
+def training_args(out: str, quick: bool, seed: int, alignment: str = "none"):
     from peft_inflora import ContinualTrainingArguments
 
-    return ContinualTrainingArguments(output_dir=out, setting="class_incremental", learning_rate=2e-3,
+    return ContinualTrainingArguments(output_dir=out, setting="class_incremental", classifier_alignment=alignment,
+                                      learning_rate=2e-3,
                                       num_train_epochs=1 if quick else 3, per_device_train_batch_size=16,
                                       per_device_eval_batch_size=64, report_to="none", save_strategy="no",
                                       logging_strategy="no", seed=seed, weight_decay=0.0, disable_tqdm=True,
@@ -139,15 +147,15 @@ def joint_tasks(tasks):
     return joint, tests
 
 
-def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: str):
+def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: str, init_per_seed: bool = True):
     from transformers import DataCollatorWithPadding
 
     from peft_inflora import ContinualTrainer
 
     torch.manual_seed(seed)
     num_labels = sum(len(t.label_names) for t in tasks)
-    model, callbacks = make_model(method, quick, num_labels, len(tasks), r)
-    trainer = ContinualTrainer(model=model, args=training_args(workdir, quick, seed),
+    model, callbacks = make_model(method, quick, num_labels, len(tasks), r, init_seed=seed if init_per_seed else 0)
+    trainer = ContinualTrainer(model=model, args=training_args(workdir, quick, seed, alignment_of(method)),
                                processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                                callbacks=callbacks)
     t0 = time.perf_counter()
@@ -168,13 +176,42 @@ def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: 
             "final_accuracy": float(np.mean(accuracies)), "extra": {"seconds": time.perf_counter() - t0}}
 
 
+def own_and_final_table(result: dict) -> str:
+    """Per task, mean ± std over seeds: the accuracy right after the task's own training (``a[j][j]``) and at the
+    end (``a[T-1][j]``), for every continual method; joint training: its final accuracy per task."""
+    names = result["task_names"]
+    head = " | ".join(f"{n} own / final" for n in names)
+    lines = [f"| method | {head} | worst own (any seed) |", "|---|" + "---|" * len(names) + "---:|"]
+
+    def pm(values):
+        a = 100 * np.asarray(values, dtype=float)
+        return f"{a.mean():.1f} ± {a.std(ddof=1):.1f}" if len(a) > 1 else f"{a.mean():.1f}"
+
+    for method, runs in result["runs"].items():
+        if method == "joint LoRA":
+            cells = [f"- / {pm([r['accuracies'][j] for r in runs])}" for j in range(len(names))]
+            lines.append(f"| {method} | " + " | ".join(cells) + " | - |")
+            continue
+        matrices = [r["accuracy_matrix"] for r in runs]
+        cells = [f"{pm([m[j][j] for m in matrices])} / {pm([m[-1][j] for m in matrices])}" for j in range(len(names))]
+        worst = min(m[j][j] for m in matrices for j in range(len(names)))
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {100 * worst:.1f} |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict, table: str) -> str:
     env = result["environment"]
     lines = [f"## Quality on the demo's four tasks (bench_quality.py{' --quick' if env['quick'] else ''})", "",
              f"torch {env['torch']}, peft {env['peft']}; tasks {', '.join(result['task_names'])}; "
              f"seeds {result['seeds']}; "
              + ("tiny random BERT, tiny data (smoke run: the numbers mean nothing)." if env["quick"]
-                else "all-MiniLM-L6-v2."), "", table, ""]
+                else "all-MiniLM-L6-v2.")
+             + (" Head and LoRA initialisation per seed." if result.get("init_per_seed", True)
+                else " Head and LoRA initialisation of seed 0 for every seed"
+                + (f" in {', '.join(result['seed_zero_init'])} (earlier runs), per seed in the others."
+                   if result.get("seed_zero_init") else ".")), "", table, "",
+             "Accuracy (%) on each task right after its own training, and at the end (mean ± std over seeds):", "",
+             own_and_final_table(result), ""]
     joint = result["runs"].get("joint LoRA")
     if joint:
         a = np.array([run["final_accuracy"] for run in joint])
@@ -197,21 +234,26 @@ def merge(args) -> dict:
     by_seed: dict[str, dict[int, dict]] = {}  # method -> seed -> run, in the order first seen
     replaced: list[str] = []
     task_names, environment = None, None
+    seed_zero: set[tuple[str, int]] = set()  # (method, seed) runs made before the per-seed initialisation
     for folder in [f.strip() for f in args.merge.split(",") if f.strip()]:
         data = __import__("json").loads((Path(folder) / "quality.json").read_text())
         task_names, environment = data["task_names"], data["environment"]
+        per_seed_init = data.get("init_per_seed", False)
         for method, method_runs in data["runs"].items():
             for seed, run in zip(data["seeds"], method_runs):
                 if seed in by_seed.setdefault(method, {}):
                     replaced.append(f"{method} seed {seed} (by {folder})")
                 by_seed[method][seed] = run
+                (seed_zero.discard if per_seed_init else seed_zero.add)((method, seed))
     order = [m for m in METHODS if m in by_seed] + [m for m in by_seed if m not in METHODS]
     runs = {m: list(by_seed[m].values()) for m in order}
+    seed_zero_init = {m for m, _ in seed_zero}
     seeds_of = {m: list(by_seed[m]) for m in order}
     continual = {m: [ContinualResult.from_dict(r) for r in rs] for m, rs in runs.items() if m != "joint LoRA"}
     seeds = sorted({s for ss in seeds_of.values() for s in ss})
     result = {"seeds": seeds, "seeds_per_method": {m: seeds_of[m] for m in order}, "methods": order,
               "task_names": task_names, "runs": runs, "merged_from": args.merge, "replaced": replaced,
+              "init_per_seed": not seed_zero_init, "seed_zero_init": sorted(seed_zero_init),
               "environment": {**environment, "quick": False}}
     path = C.write_results(args, "quality", result, markdown(result, compare_table(continual)))
     _plots.write_quality_plots(result, path)  # quality_accuracy.png, quality_forgetting.png
@@ -225,6 +267,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--r", type=int, default=8)
+    p.add_argument("--init-seed-zero", action="store_true",
+                   help="initialise the head (and LoRA) with seed 0 for every seed, as runs before 2026-12-02 did "
+                        "(default: each seed its own initialisation as well as its own batch order)")
     p.add_argument("--merge", default=None,
                    help="comma-separated folders of earlier runs (each with quality.json): combine their runs into "
                         "one table (mean ± std over all seeds found) instead of training")
@@ -243,13 +288,15 @@ def main(argv=None) -> dict:
         for method in methods:
             for seed in seeds:
                 result = run(method, seed, tasks, tokenizer, args.quick, args.r,
-                             str(Path(tmp) / f"{method.replace(' ', '_').replace(',', '')}_{seed}"))
+                             str(Path(tmp) / f"{''.join(ch for ch in method if ch.isalnum())}_{seed}"),
+                             init_per_seed=not args.init_seed_zero)
                 runs.setdefault(method, []).append(result)
                 metrics = result if isinstance(result, dict) else result.metrics()
                 print(f"{method} seed {seed}: {metrics}", flush=True)
     continual = {m: rs for m, rs in runs.items() if m != "joint LoRA"}
     table = compare_table(continual) if continual else ""
     result = {"seeds": seeds, "methods": methods, "task_names": [t.name for t in tasks],
+              "init_per_seed": not args.init_seed_zero,
               "runs": {m: [r if isinstance(r, dict) else r.to_dict() for r in rs] for m, rs in runs.items()},
               "environment": C.environment(args)}
     path = C.write_results(args, "quality", result, markdown(result, table))

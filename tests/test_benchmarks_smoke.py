@@ -115,3 +115,22 @@ def test_bench_adapter_size_quick(tmp_path):
         assert files["shared + bf16 memory"] < files["shared"] < files["per-layer"], T
     assert all(row["equal"] for row in result["stack_check"])  # the analytic formula is the file's tensor bytes
     assert all(x["gap_within_bound"] for rows in result["minilm"]["leakage"].values() for x in rows.values())
+
+
+def test_bench_heads_quick_offline_alignment_equals_online(tmp_path):
+    """bench_heads evaluates post-hoc heads offline on one recorded backbone run: the authors' alignment run inside
+    the trainer must leave the backbone bit for bit unchanged and give the same matrix as the offline evaluation."""
+    import torch
+
+    heads = load("heads")
+    args = ["--quick", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    result = heads.main(args + ["--train", "base,online_ca", "--analyze", "--runs", "inflora_base", "--sources",
+                                "full", "--methods", "CA authors (decay, norm 0.1)"])
+    base = torch.load(tmp_path / "cache" / "inflora_base_seed0.pt", weights_only=False)
+    online = torch.load(tmp_path / "cache" / "inflora_online_ca_full_seed0.pt", weights_only=False)
+    for a, b in zip(base["dumps"], online["dumps"]):
+        assert torch.equal(a["sources"]["full"][0], b["sources"]["full"][0])
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(a["test"], b["test"]))
+    offline = result["inflora_base: CA authors (decay, norm 0.1) [full]"]["matrices"][0]
+    assert offline == online["matrix"]
+    assert "| inflora_base: trained head |" in (tmp_path / "heads_quick.md").read_text()

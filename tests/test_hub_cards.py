@@ -23,7 +23,7 @@ from peft_inflora.continual.hub import HubPushError
 
 PLACEHOLDER = "[More Information Needed]"
 ADAPTER_FILES = {"README.md", "accuracy_curve.png", "accuracy_matrix.png", "adapter_config.json",
-                 "adapter_model.safetensors", "continual_result.json"}
+                 "adapter_model.safetensors", "class_statistics.safetensors", "continual_result.json"}
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from peft_inflora.continual.hub import HubPushError, task_revision_name, task_re
 
 
 HUB_FILES = ["README.md", "accuracy_curve.png", "accuracy_matrix.png", "adapter_config.json",
-             "adapter_model.safetensors", "continual_result.json"]
+             "adapter_model.safetensors", "class_statistics.safetensors", "continual_result.json"]
 NAMES = ["news_a", "News B", "party!"]
 BRANCHES = ["task-1-news_a", "task-2-news-b", "task-3-party"]
 

@@ -175,7 +175,7 @@ def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_
     assert calls["upload"][0] == "me/inflora-demo"
     assert sorted(p.name for p in hub.iterdir()) == ["README.md", "accuracy_curve.png", "accuracy_matrix.png",
                                                      "adapter_config.json", "adapter_model.safetensors",
-                                                     "continual_result.json"]
+                                                     "class_statistics.safetensors", "continual_result.json"]
     card = (hub / "README.md").read_text()
     assert "import peft_inflora" in card and "t0, t1" in card and "final accuracy" in card
     # someone else downloads it and continues with the third task

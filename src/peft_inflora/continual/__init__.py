@@ -5,11 +5,23 @@ Modules, one job each: ``arguments`` (the options and ``ContinualTask``), ``loop
 ``trainer`` (``ContinualTrainer``, ``ContinualSeq2SeqTrainer``), ``heads`` (global labels, head growth, frozen rows),
 ``evaluation`` (classification and generation, scored by ``evaluate`` metrics shipped in ``evaluate_metrics/``),
 ``checkpoint`` (save and resume), ``card`` (the model card), ``hub`` (pushes, hub_strategy, per-task revisions),
-``capacity`` (the memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its metrics), ``plots``
+``alignment`` (class statistics and classifier alignment, the math), ``head_alignment`` (the
+same inside a run: statistics per task, alignment after it, their file next to the adapter), ``capacity`` (the
+memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its metrics), ``plots``
 (matplotlib, imported only there).
 """
 
+from .alignment import (
+    ClassFeatureAccumulator,
+    ClassStatistics,
+    HeadInputRecorder,
+    align_classifier,
+    collect_class_statistics,
+    storage_bytes,
+)
 from .arguments import (
+    CLASS_STATISTICS_SOURCES,
+    CLASSIFIER_ALIGNMENTS,
     LOSS_CLASSES,
     SETTINGS,
     ContinualArguments,
@@ -18,6 +30,7 @@ from .arguments import (
     ContinualTrainingArguments,
 )
 from .evaluation import TaskMetric, exact_match, load_metric, normalize_answer, tokenize_instruction_dataset
+from .head_alignment import CLASS_STATISTICS_FILE, load_class_statistics, save_class_statistics
 from .hub import HubPushError, task_revision_name, task_revision_names, task_revisions
 from .loop import ContinualCallback, ContinualMixin
 from .metrics import (
@@ -32,6 +45,17 @@ from .trainer import ContinualSeq2SeqTrainer, ContinualTrainer
 
 
 __all__ = [
+    "CLASSIFIER_ALIGNMENTS",
+    "CLASS_STATISTICS_FILE",
+    "CLASS_STATISTICS_SOURCES",
+    "ClassFeatureAccumulator",
+    "ClassStatistics",
+    "HeadInputRecorder",
+    "align_classifier",
+    "collect_class_statistics",
+    "load_class_statistics",
+    "save_class_statistics",
+    "storage_bytes",
     "LOSS_CLASSES",
     "RESULT_FILE",
     "SETTINGS",

@@ -16,14 +16,20 @@ from typing import Any, Optional
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
+from .alignment import STORAGES
+
 
 SETTINGS = ("class_incremental", "task_incremental", "generation")
 LOSS_CLASSES = ("task", "seen")
+# classifier alignment after each task (see head_alignment.py): "auto" = "new_rows" for class_incremental, else "none"
+CLASSIFIER_ALIGNMENTS = ("auto", "none", "authors", "new_rows")
+CLASS_STATISTICS_SOURCES = ("last_epoch", "extra_pass")
 # the PEFT task types a user may pass to `setting` by mistake (PeftConfig.task_type is another option)
 _PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
-__all__ = ["ContinualArguments", "ContinualSeq2SeqTrainingArguments", "ContinualTask", "ContinualTrainingArguments",
-           "LOSS_CLASSES", "SETTINGS", "task_record"]
+__all__ = ["CLASSIFIER_ALIGNMENTS", "CLASS_STATISTICS_SOURCES", "ContinualArguments",
+           "ContinualSeq2SeqTrainingArguments", "ContinualTask", "ContinualTrainingArguments", "LOSS_CLASSES",
+           "SETTINGS", "task_record"]
 
 
 @dataclass
@@ -117,6 +123,40 @@ class ContinualArguments:
         "help": "With push_task_revisions: the revision each new task branch is created from (default: hub_revision, "
                 "else main)."})
 
+    classifier_alignment: str = field(default="auto", metadata={
+        "help": "Classifier alignment after each task (before its evaluation), from per-class feature statistics "
+                "(mean, covariance of the head's input) of every class seen so far. new_rows: re-train only the new "
+                "task's head rows on Gaussian samples of every seen class (best measured, benchmarks/RESULTS.md "
+                "section 9); authors: re-train every seen row (the InfLoRA repository's inflora_ca); none: off; "
+                "auto (default): new_rows with setting=class_incremental, none otherwise. Needs an nn.Linear head "
+                "in modules_to_save.",
+        "choices": list(CLASSIFIER_ALIGNMENTS)})
+    alignment_epochs: int = field(default=5, metadata={
+        "help": "Classifier alignment: epochs over Gaussian samples (each epoch C steps of samples_per_class)."})
+    alignment_samples_per_class: int = field(default=256, metadata={
+        "help": "Classifier alignment: samples drawn per class per epoch (and the batch size of its SGD steps)."})
+    alignment_lr: float = field(default=0.01, metadata={
+        "help": "Classifier alignment: SGD learning rate (momentum 0.9, weight decay 5e-4, cosine schedule)."})
+    alignment_mean_decay: Optional[bool] = field(default=None, metadata={
+        "help": "Classifier alignment: scale the mean of a class of task t_c by 0.9 + 0.1 (t_c + 1) / (t + 1) "
+                "(the authors' code). Default: on for authors, off for new_rows (as measured best)."})
+    alignment_logit_temperature: Optional[float] = field(default=0.1, metadata={
+        "help": "Classifier alignment: divide the logits by the mean per-task logit norm and this temperature "
+                "(the authors' normalisation; what makes alignment work on the demo). None: off."})
+    class_statistics_storage: str = field(default="lowrank", metadata={
+        "help": "How the class statistics are stored (and saved with the adapter): full (a d x d covariance per "
+                "class), shared (one pooled covariance + per-class means) or lowrank (per class the top "
+                "class_statistics_rank eigenpairs + the residual diagonal; default, within noise of full at 1/21 "
+                "of the bytes on the demo; see docs/heads.md).",
+        "choices": list(STORAGES)})
+    class_statistics_rank: int = field(default=16, metadata={
+        "help": "class_statistics_storage=lowrank: the rank k kept per class."})
+    class_statistics_source: str = field(default="last_epoch", metadata={
+        "help": "Where the class statistics come from: last_epoch (the head inputs of the last training epoch's "
+                "own forwards, train mode: no extra pass) or extra_pass (one more eval-mode pass over the task's "
+                "training data after training; ~1 point better on the demo, ~0.4 epoch of compute).",
+        "choices": list(CLASS_STATISTICS_SOURCES)})
+
     def __post_init__(self) -> None:
         self._check_continual_arguments()
         parent = getattr(super(), "__post_init__", None)
@@ -131,6 +171,54 @@ class ContinualArguments:
     def continual_dict(self) -> dict[str, Any]:
         """The continual options by name (saved in the result's ``extra["continual_arguments"]``)."""
         return {name: getattr(self, name) for name in self.continual_field_names()}
+
+    def alignment_mode(self) -> Optional[str]:
+        """The classifier alignment this run makes: ``"authors"``, ``"new_rows"`` or ``None`` (``"auto"`` resolved
+        by ``setting``)."""
+        mode = self.classifier_alignment
+        if mode in (None, "none"):
+            return None
+        if mode == "auto":
+            return "new_rows" if self.setting == "class_incremental" else None
+        return mode
+
+    def alignment_decay(self) -> bool:
+        """``alignment_mean_decay``, its default resolved (on for ``authors``, off for ``new_rows``)."""
+        if self.alignment_mean_decay is None:
+            return self.alignment_mode() == "authors"
+        return bool(self.alignment_mean_decay)
+
+    def _check_alignment_arguments(self) -> None:
+        mode = self.classifier_alignment
+        if mode is not None and mode not in CLASSIFIER_ALIGNMENTS:
+            raise ValueError(f"classifier_alignment must be one of {CLASSIFIER_ALIGNMENTS} (or None), got {mode!r}.")
+        if mode in ("authors", "new_rows") and self.setting != "class_incremental":
+            raise ValueError(
+                f"classifier_alignment={mode!r} corrects the bias between tasks of one head over all classes, which "
+                f"only setting='class_incremental' has (got setting={self.setting!r}: "
+                + ("generation has no classifier head" if self.setting == "generation" else
+                   "task_incremental evaluates each task among its own classes")
+                + "): drop classifier_alignment or set it to 'none'.")
+        for name in ("alignment_epochs", "alignment_samples_per_class", "class_statistics_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        if isinstance(self.alignment_lr, bool) or not isinstance(self.alignment_lr, (int, float)) \
+                or not self.alignment_lr > 0:
+            raise ValueError(f"alignment_lr must be a number > 0, got {self.alignment_lr!r}.")
+        if self.alignment_mean_decay is not None and not isinstance(self.alignment_mean_decay, bool):
+            raise ValueError(f"alignment_mean_decay must be True, False or None (default), got "
+                             f"{self.alignment_mean_decay!r}.")
+        t = self.alignment_logit_temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+            raise ValueError(f"alignment_logit_temperature must be a number > 0, or None to turn the logit "
+                             f"normalisation off, got {t!r}.")
+        if self.class_statistics_storage not in STORAGES:
+            raise ValueError(f"class_statistics_storage must be one of {STORAGES}, got "
+                             f"{self.class_statistics_storage!r}.")
+        if self.class_statistics_source not in CLASS_STATISTICS_SOURCES:
+            raise ValueError(f"class_statistics_source must be one of {CLASS_STATISTICS_SOURCES}, got "
+                             f"{self.class_statistics_source!r}.")
 
     def _check_continual_arguments(self) -> None:
         """Every continual option, checked before anything is built; each error says what to change."""
@@ -175,6 +263,7 @@ class ContinualArguments:
         elif self.task_revision_base is not None:
             raise ValueError("task_revision_base is the revision the per-task branches are created from: it needs "
                              "push_task_revisions=True (or drop task_revision_base).")
+        self._check_alignment_arguments()
 
 
 @dataclass

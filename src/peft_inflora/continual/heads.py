@@ -200,6 +200,9 @@ class HeadLossMixin:
         if self.args.loss_classes == "seen":
             lo = 0
         labels = inputs.pop("labels")
+        alignment = getattr(self, "_head_alignment", None)
+        if alignment is not None:  # the last epoch's head inputs become the class statistics
+            alignment.record(labels, self.state, model.training)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss = F.cross_entropy(logits[:, lo:hi].float(), labels - lo)

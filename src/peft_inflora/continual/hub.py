@@ -38,6 +38,7 @@ from transformers.trainer_utils import HubStrategy
 
 from .card import TRAINING_OPTIONS, CardLocation, build_model_card
 from .checkpoint import LOCAL_FILES, PLOT_FILES, TASK_REVISION_RECORD, checkpoint_dir, write_result
+from .head_alignment import CLASS_STATISTICS_FILE
 from .result import RESULT_FILE, ContinualResult
 
 
@@ -45,7 +46,7 @@ __all__ = ["HUB_FILES", "HubMixin", "HubPushError", "task_revision_name", "task_
 
 # What push_to_hub uploads from output_dir besides the processing class (continual/ goes as hub_strategy says).
 RUN_FILES = ("README.md", RESULT_FILE) + PLOT_FILES  # the model card, the result and its plots
-HUB_FILES = ("adapter_config.json", "adapter_model.safetensors") + RUN_FILES
+HUB_FILES = ("adapter_config.json", "adapter_model.safetensors", CLASS_STATISTICS_FILE) + RUN_FILES
 
 
 LAST_CHECKPOINT = "last-checkpoint"  # hub_strategy="checkpoint": where the latest checkpoint goes, as in transformers
@@ -251,6 +252,9 @@ class HubMixin:
         result = self.continual_result
         if between_tasks and result is not None and result.accuracy_matrix:
             write_result(result, folder)
+        alignment = getattr(self, "_head_alignment", None)
+        if alignment is not None:  # the class statistics of the finished tasks, next to the adapter
+            alignment.save(folder)
         extra = [] if between_tasks else [
             f"A Trainer checkpoint in the middle of task {self._current[0]} ({self._current[1].name}): the task is "
             "not finished, and a task cannot be resumed from here; the finished tasks are in "

@@ -35,6 +35,7 @@ from .capacity import report_capacity
 from .card import CardLocation
 from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
 from .evaluation import AnswerMetric, TaskMetric, classification_accuracy, generate_answers, score_answers
+from .head_alignment import CLASS_STATISTICS_FILE, HeadAlignment, load_class_statistics
 from .heads import (
     ClassRange,
     FrozenHeadRows,
@@ -42,6 +43,7 @@ from .heads import (
     RestoreFrozenHeadRows,
     check_local_labels,
     ensure_head_size,
+    find_head,
     num_task_classes,
     to_global_labels,
 )
@@ -122,6 +124,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         self._planned_names: Optional[list[str]] = None  # the sequence train_continual runs
         self._last_train_output: Any = None
         self._task_metrics: dict[str, TaskMetric] = {}  # by task name
+        self._head_alignment = HeadAlignment(self.args)  # class statistics + alignment after each task
         if self.args.setting != "generation":
             self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
@@ -279,6 +282,22 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             output_dir=self.args.output_dir, previous_tasks=previous_tasks, previous_result=previous_result,
             resume=resume, classification=self._classification, prefix_of_sequence=prefix_of_sequence)
 
+    @property
+    def class_statistics(self) -> Any:
+        """The stored class statistics (:class:`~.alignment.ClassStatistics`) of the classes seen so far, or
+        ``None`` (alignment off, or no task yet)."""
+        return self._head_alignment.statistics
+
+    def load_class_statistics(self, source: Union[str, os.PathLike], revision: Optional[str] = None) -> None:
+        """Read the class statistics saved with an adapter (a folder, or a Hub repo id at ``revision``) before
+        continuing its sequence, when ``previous_result`` is a ``ContinualResult`` object (with a folder or repo id
+        as ``previous_result`` they are read from there by themselves)."""
+        statistics = load_class_statistics(source, revision=revision, token=self.args.hub_token)
+        if statistics is None:
+            raise ValueError(f"{source} holds no class statistics ({CLASS_STATISTICS_FILE}): it was saved without "
+                             "classifier alignment.")
+        self._head_alignment.statistics = statistics
+
     def task_metric(self, task: ContinualTask) -> TaskMetric:
         """What scores ``task`` in the matrix: ``task.metric``, else (generation) the trainer's ``answer_metric``,
         else ``args.eval_metric``, else the shipped ``accuracy`` / ``exact_match`` (loaded once per task name)."""
@@ -316,6 +335,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             task_revision_names(names + [task.name])
         if not self._classification:
             return self.prepare_train_dataset(task.train_dataset, task), task.eval_dataset, None
+        self._head_alignment.check_head(find_head(self.peft_model)[1])
         lo = sequence.class_ranges[-1][1] if sequence.class_ranges else 0
         classes = (lo, lo + num_task_classes(task))
         train_dataset = to_global_labels(task.train_dataset, classes, task.name)
@@ -346,6 +366,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         """Make the resolved sequence the trainer's (loads a checkpoint's adapter into the model)."""
         if sequence.source in ("memory", "fresh"):
             return
+        self._adopt_class_statistics(sequence)  # may refuse: first, before anything changes
         if sequence.class_ranges:  # first, so that a checkpoint's grown head fits
             rows = max(sequence.class_ranges[-1][1], sequence.head_size)
             ensure_head_size(self.peft_model, rows, self.args.seed)
@@ -356,6 +377,21 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         self._class_ranges = list(sequence.class_ranges)
         self.continual_result = copy.deepcopy(sequence.result)
         self.continual_result.extra.update(self._result_extra())
+
+    def _adopt_class_statistics(self, sequence: SequenceSoFar) -> None:
+        """The class statistics of a sequence continued from a checkpoint or a downloaded adapter (read from the
+        checkpoint, or the folder / repo id given as ``previous_result``, unless loaded already); refuses where
+        alignment is on and the learned classes have none."""
+        alignment = self._head_alignment
+        if not alignment.enabled:
+            return
+        statistics, where = alignment.statistics, "the loaded statistics"
+        origin = sequence.checkpoint if sequence.checkpoint is not None else sequence.origin
+        if origin is not None:
+            found = load_class_statistics(origin, token=self.args.hub_token)
+            statistics, where = (found, str(origin)) if found is not None else (statistics, str(origin))
+        alignment.check_continuation(statistics, list(sequence.class_ranges), where)
+        alignment.statistics = statistics
 
     def _push_missing(self) -> None:
         """With push_task_revisions: push the finished tasks whose branch is missing (an upload failed before)."""
@@ -394,6 +430,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         try:
             if classes is not None:
                 self._task_classes, self._frozen_head = classes, FrozenHeadRows(peft_model, classes)
+                self._head_alignment.begin_task(find_head(peft_model)[1])
             t0 = time.perf_counter()
             if self.is_inflora:
                 peft_model.begin_task(self.get_train_dataloader(), progress=show)
@@ -408,7 +445,13 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             if self.is_inflora:
                 peft_model.end_task(self.get_train_dataloader(), progress=show)
             statistics_seconds += time.perf_counter() - t0
+            if classes is not None and self._head_alignment.enabled:
+                t0 = time.perf_counter()
+                self._head_alignment.end_task(peft_model, find_head(peft_model)[1], index, classes,
+                                              self.get_train_dataloader())
+                self.log({"continual/alignment_seconds": time.perf_counter() - t0})
         except BaseException:
+            self._head_alignment.abort_task()
             if self.is_inflora and peft_model.task_in_progress():
                 peft_model.abort_task()  # memory and finished tasks untouched: the task can be learned again
             raise
@@ -459,6 +502,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         the model card."""
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(folder))
+        self._head_alignment.save(folder)
         self.write_model_card(folder, location=CardLocation(checkpoint_of=str(self.args.output_dir)))
 
     def _predict(self, j: int, references: Optional[tuple[list[str], list[str]]]) -> Any:
