@@ -7,6 +7,10 @@ peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old
 
 * InfLoRA eigen (the paper's design), with the default statistics budget, and with every batch;
 * InfLoRA random (the language-model follow-up's design);
+* InfLoRA + classifier alignment after every task (``classifier_alignment``): the authors' (every row re-trained) and
+  the new task's rows only (the trainer's default for class_incremental), also with every batch read by the
+  statistics; sequential LoRA + the new-rows alignment (backbone vs head). Every other method runs with
+  ``classifier_alignment="none"``;
 * sequential LoRA (PEFT LoRA trained task after task: the forgetting baseline);
 * OSF (PEFT's orthogonal subspace fine-tuning), if this PEFT has ``OSFConfig``: after each task the update is merged
   and the weights are decomposed again with a larger preserved rank (50% of the singular directions at task 1, rising
@@ -14,7 +18,9 @@ peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old
 * heads only (backbone frozen: only the classifier rows of each task train);
 * joint multi-task LoRA (all tasks' data at once: an upper bound; only its final accuracy is meaningful).
 
-Reports mean ± std over seeds of A_T, A_avg, BWT and forgetting (peft_inflora.compare_table).
+Each seed sets the batch order and the head/LoRA initialisation (``--init-seed-zero``: seed-0 initialisation, as
+runs before 2026-12-02). Reports mean ± std over seeds of A_T, A_avg, BWT and forgetting (peft_inflora.compare_table)
+and, per task, the accuracy right after its own training next to the final one.
 
     python benchmarks/bench_quality.py                 # 3 seeds, about 1-2 hours on one core
     python benchmarks/bench_quality.py --quick         # smoke run: tiny random BERT, tiny data, 1 seed

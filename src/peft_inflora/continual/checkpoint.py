@@ -125,7 +125,7 @@ class SequenceSoFar:
     result: Optional[ContinualResult] = None
     checkpoint: Optional[Path] = None  # to load into the model
     head_size: int = 0  # the checkpoint's head rows (train_continual grows the head to the whole sequence at once)
-    origin: Any = None  # a downloaded adapter's folder or Hub repo id (previous_result given as a path), if known
+    origin: Any = None  # (folder or Hub repo id, revision) a downloaded adapter's result came from, if known
 
 
 def resolve_sequence(*, memory: Optional["SequenceSoFar"], learned: int, output_dir: PathLike,
@@ -203,5 +203,6 @@ def resolve_sequence(*, memory: Optional["SequenceSoFar"], learned: int, output_
         if len(ranges) != done:
             raise ValueError(f"The saved class ranges {ranges} do not cover the {done} learned tasks.")
         eval_datasets = [to_global_labels(t.eval_dataset, r, t.name) for t, r in zip(tasks, ranges)]
-    origin = previous_result if isinstance(previous_result, (str, os.PathLike)) else None
+    origin = (previous_result, None) if isinstance(previous_result, (str, os.PathLike)) else \
+        getattr(previous_result, "source", None)  # (folder or repo id, revision) of ContinualResult.from_pretrained
     return SequenceSoFar(source, tasks, eval_datasets, ranges, result, checkpoint, head_size, origin)

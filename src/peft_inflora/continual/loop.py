@@ -290,8 +290,9 @@ class ContinualMixin(HeadLossMixin, HubMixin):
 
     def load_class_statistics(self, source: Union[str, os.PathLike], revision: Optional[str] = None) -> None:
         """Read the class statistics saved with an adapter (a folder, or a Hub repo id at ``revision``) before
-        continuing its sequence, when ``previous_result`` is a ``ContinualResult`` object (with a folder or repo id
-        as ``previous_result`` they are read from there by themselves)."""
+        continuing its sequence, where ``previous_result`` does not say where it came from (with a folder or repo id
+        as ``previous_result``, or ``ContinualResult.from_pretrained(...)``, they are read from there by
+        themselves)."""
         statistics = load_class_statistics(source, revision=revision, token=self.args.hub_token)
         if statistics is None:
             raise ValueError(f"{source} holds no class statistics ({CLASS_STATISTICS_FILE}): it was saved without "
@@ -386,10 +387,11 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         if not alignment.enabled:
             return
         statistics, where = alignment.statistics, "the loaded statistics"
-        origin = sequence.checkpoint if sequence.checkpoint is not None else sequence.origin
+        origin = (sequence.checkpoint, None) if sequence.checkpoint is not None else sequence.origin
         if origin is not None:
-            found = load_class_statistics(origin, token=self.args.hub_token)
-            statistics, where = (found, str(origin)) if found is not None else (statistics, str(origin))
+            found = load_class_statistics(origin[0], revision=origin[1], token=self.args.hub_token)
+            where = str(origin[0]) + (f" (revision {origin[1]})" if origin[1] else "")
+            statistics = found if found is not None else statistics
         alignment.check_continuation(statistics, list(sequence.class_ranges), where)
         alignment.statistics = statistics
 

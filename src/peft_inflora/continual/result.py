@@ -267,10 +267,13 @@ class ContinualResult:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{path} holds no {RESULT_FILE}: pass the folder a ContinualTrainer wrote "
                                         "(its output_dir or a continual/after-task-NN checkpoint).")
-            return cls.from_json(file)
-        from huggingface_hub import hf_hub_download
+            result = cls.from_json(file)
+        else:
+            from huggingface_hub import hf_hub_download
 
-        return cls.from_json(hf_hub_download(path, RESULT_FILE, revision=revision, token=token))
+            result = cls.from_json(hf_hub_download(path, RESULT_FILE, revision=revision, token=token))
+        result.source = (path, revision)  # where the files saved with it (e.g. class statistics) are; not saved
+        return result
 
     # -- reporting ----------------------------------------------------------------------------
     def summary_table(self, digits: int = 2) -> str:
