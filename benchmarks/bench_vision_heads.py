@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 from bench_quality import own_and_final_table  # noqa: E402
