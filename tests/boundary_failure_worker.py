@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 
 import peft_inflora.continual.loop as loop  # noqa: E402
+import peft_inflora.continual.task_evaluation as task_evaluation  # noqa: E402
 from peft_inflora import ContinualTrainer  # noqa: E402
 
 
@@ -31,7 +32,7 @@ class InjectedFailure(RuntimeError):
 
 def main(out: str) -> None:
     rank = int(os.environ["RANK"])
-    real_accuracy, real_save = loop.classification_accuracy, loop.save_after_task
+    real_accuracy, real_save = task_evaluation.classification_accuracy, loop.save_after_task
     for case in CASES:
         class Trainer(ContinualTrainer):
             def prepare_train_dataset(self, dataset, task):
@@ -49,7 +50,7 @@ def main(out: str) -> None:
                 raise InjectedFailure(f"{case} on rank {rank}")
             return real_save(model, result, *args, **kwargs)
 
-        loop.classification_accuracy, loop.save_after_task = accuracy, save
+        task_evaluation.classification_accuracy, loop.save_after_task = accuracy, save
         model = inflora_bert(statistics_max_tokens=None)
         args = training_args(os.path.join(out, case), num_train_epochs=1, ddp_backend="gloo", ddp_timeout=120)
         trainer = Trainer(model=model, args=args)
@@ -64,7 +65,7 @@ def main(out: str) -> None:
                   "task_in_progress": model.task_in_progress(), "trainer_tasks": len(trainer.continual_tasks)}
         with open(os.path.join(out, f"{case}-rank{rank}.json"), "w") as f:
             json.dump(record, f)
-    loop.classification_accuracy, loop.save_after_task = real_accuracy, real_save
+    task_evaluation.classification_accuracy, loop.save_after_task = real_accuracy, real_save
 
 
 if __name__ == "__main__":

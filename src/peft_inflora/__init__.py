@@ -9,20 +9,9 @@ here too, but are loaded on first use (PEP 562 ``__getattr__``), so ``import pef
 application needs (datasets, evaluate, matplotlib).
 """
 
+from . import errors as _errors
 from .config import INFLORA_TARGET_MODULES_MAPPING, InfLoRAConfig, check_adapter_weights
-from .errors import (
-    AdapterFileError,
-    DistributedStepError,
-    NoTaskInProgressError,
-    QuantizedMergeWarning,
-    ShardedAdapterError,
-    SketchWarning,
-    StatisticsError,
-    SubspaceExhaustedError,
-    SubspaceWarning,
-    TaskLifecycleError,
-    UnknownConfigFieldError,
-)
+from .errors import *  # noqa: F403 (every exception and warning: errors.__all__)
 from .export import ExportedLayer, LoraExport
 from .layer import InfLoRALayer, Linear
 from .model import InfLoRAModel, LayerCapacity, LayerInterference
@@ -71,8 +60,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "AdapterFileError",
-    "DistributedStepError",
+    *_errors.__all__,
     "ExportedLayer",
     "INFLORA_TARGET_MODULES_MAPPING",
     "InfLoRAConfig",
@@ -82,15 +70,6 @@ __all__ = [
     "LayerInterference",
     "LoraExport",
     "Linear",
-    "NoTaskInProgressError",
-    "QuantizedMergeWarning",
-    "ShardedAdapterError",
-    "SketchWarning",
-    "StatisticsError",
-    "SubspaceExhaustedError",
-    "SubspaceWarning",
-    "TaskLifecycleError",
-    "UnknownConfigFieldError",
     "check_adapter_weights",
     *_CONTINUAL_NAMES,
 ]

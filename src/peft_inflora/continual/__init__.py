@@ -1,11 +1,12 @@
 """The continual-learning application: a task loop over Hugging Face trainers, with heads, evaluation, results,
 plots and the Hub. It uses only the public API of the method (``peft_inflora``).
 
-Modules, one job each: ``arguments`` (the options and ``ContinualTask``), ``loop`` (the mixin over Trainer hooks),
+Modules, one job each: ``arguments`` (the options and ``ContinualTask``), ``loop`` (the mixin over Trainer hooks, with
+``sequence``: the sequence so far, found and adopted, and ``task_evaluation``: the rows of the matrix),
 ``trainer`` (``ContinualTrainer``, ``ContinualSeq2SeqTrainer``), ``heads`` (global labels, head growth, frozen rows),
 ``evaluation`` (classification and generation, scored by ``evaluate`` metrics shipped in ``evaluate_metrics/``),
-``checkpoint`` (save and resume), ``card`` (the model card), ``hub`` (pushes, hub_strategy, per-task revisions),
-``alignment`` (class statistics and classifier alignment, the math), ``head_alignment`` (the
+``checkpoint`` (save and resume), ``card`` (the model card), ``hub`` (pushes, hub_strategy), ``revisions``
+(per-task branch names), ``alignment`` (class statistics and classifier alignment, the math), ``head_alignment`` (the
 same inside a run: statistics per task, alignment after it, their file next to the adapter), ``capacity`` (the
 memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its metrics), ``plots``
 (matplotlib, imported only there).

@@ -18,7 +18,6 @@ process fails there, every process raises.
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Sequence
@@ -33,9 +32,9 @@ from ..errors import DistributedStepError
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
 from .card import CardLocation
-from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence, save_after_task, task_run_dir
-from .evaluation import AnswerMetric, TaskMetric, classification_accuracy, generate_answers, score_answers
-from .head_alignment import CLASS_STATISTICS_FILE, HeadAlignment, load_class_statistics
+from .checkpoint import SequenceSoFar, save_after_task, task_run_dir
+from .evaluation import AnswerMetric, TaskMetric
+from .head_alignment import HeadAlignment
 from .heads import (
     ClassRange,
     FrozenHeadRows,
@@ -49,7 +48,9 @@ from .heads import (
 )
 from .hub import HubMixin, task_revision_names
 from .result import ContinualResult
+from .sequence import SequenceMixin
 from .sharding import check_sharding, is_fsdp2_sharded
+from .task_evaluation import TaskEvaluationMixin
 
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
@@ -58,7 +59,6 @@ __all__ = ["ContinualCallback", "ContinualMixin"]
 _MOVED_OPTIONS = {"task_type": "setting", "loss_classes": "loss_classes",
                   "generation_max_new_tokens": "generation_max_new_tokens",
                   "push_task_revisions": "push_task_revisions"}
-
 
 class ContinualCallback(TrainerCallback):
     """A ``TrainerCallback`` with two more events, called by the continual trainers around every task."""
@@ -71,8 +71,7 @@ class ContinualCallback(TrainerCallback):
         """After ``end_task``, the evaluation of every task seen so far (``result`` has the new row) and the
         checkpoint ``continual/after-task-NN``."""
 
-
-class ContinualMixin(HeadLossMixin, HubMixin):
+class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin):
     """The continual loop for any ``transformers.Trainer`` subclass (put it first: ``(ContinualMixin, Trainer)``).
 
     Args:
@@ -253,66 +252,7 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             self._push_sequence_end()
         return self.continual_result
 
-    def evaluate_tasks(self) -> list[float]:
-        """The accuracy (or answer score) on every task learned so far, with the current model and ``setting``.
-
-        Several processes: the predictions are made together (the forwards and gathers are collectives); reading the
-        references and scoring are local steps that every process agrees on (``peft_inflora.distributed.agree``), so
-        one process failing there makes every process raise instead of leaving the others waiting."""
-        seen = len(self.continual_tasks) - 1
-        step = f"evaluation after task {seen + 1}"
-        references: list[Any] = [None] * (seen + 1)
-        if not self._classification:
-            with agree(f"{step} (eval data)"):
-                references = [self.generation_references(self._eval_datasets[j]) for j in range(seen + 1)]
-        outputs = [self._predict(j, references[j]) for j in range(seen + 1)]
-        with agree(f"{step} (scores)"):
-            return [self._score(j, seen, output, references[j]) for j, output in enumerate(outputs)]
-
     # ------------------------------------------------------------------ the sequence so far
-    def _resolve(self, previous_tasks: Optional[Sequence[ContinualTask]], previous_result: Any, resume: bool,
-                 prefix_of_sequence: bool = False) -> SequenceSoFar:
-        """Find the sequence learned so far (see :meth:`train_task`) and check it; changes nothing."""
-        memory = None
-        if self.continual_tasks:
-            memory = SequenceSoFar("memory", list(self.continual_tasks), list(self._eval_datasets),
-                                   list(self._class_ranges), self.continual_result)
-        return resolve_sequence(
-            memory=memory, learned=self.peft_model.tasks_done() if self.is_inflora else 0,
-            output_dir=self.args.output_dir, previous_tasks=previous_tasks, previous_result=previous_result,
-            resume=resume, classification=self._classification, prefix_of_sequence=prefix_of_sequence)
-
-    @property
-    def class_statistics(self) -> Any:
-        """The stored class statistics (:class:`~.alignment.ClassStatistics`) of the classes seen so far, or
-        ``None`` (alignment off, or no task yet)."""
-        return self._head_alignment.statistics
-
-    def load_class_statistics(self, source: Union[str, os.PathLike], revision: Optional[str] = None) -> None:
-        """Read the class statistics saved with an adapter (a folder, or a Hub repo id at ``revision``) before
-        continuing its sequence, where ``previous_result`` does not say where it came from (with a folder or repo id
-        as ``previous_result``, or ``ContinualResult.from_pretrained(...)``, they are read from there by
-        themselves)."""
-        statistics = load_class_statistics(source, revision=revision, token=self.args.hub_token)
-        if statistics is None:
-            raise ValueError(f"{source} holds no class statistics ({CLASS_STATISTICS_FILE}): it was saved without "
-                             "classifier alignment.")
-        self._head_alignment.statistics = statistics
-
-    def task_metric(self, task: ContinualTask) -> TaskMetric:
-        """What scores ``task`` in the matrix: ``task.metric``, else (generation) the trainer's ``answer_metric``,
-        else ``args.eval_metric``, else the shipped ``accuracy`` / ``exact_match`` (loaded once per task name)."""
-        if task.name not in self._task_metrics:
-            default = "accuracy" if self._classification else "exact_match"
-            if task.metric is not None:
-                metric = TaskMetric(task.metric, task.metric_key, default=default)
-            elif not self._classification and self.answer_metric is not None:
-                metric = TaskMetric(self.answer_metric, task.metric_key, default=default)
-            else:
-                metric = TaskMetric(self.args.eval_metric, task.metric_key or self.args.eval_metric_key,
-                                    default=default)
-            self._task_metrics[task.name] = metric
-        return self._task_metrics[task.name]
 
     def _check_task_data(self, task: ContinualTask) -> None:
         self.task_metric(task)  # a metric that does not load fails here, before anything changes
@@ -349,64 +289,6 @@ class ContinualMixin(HeadLossMixin, HubMixin):
         labels already). A trainer that prepares data in ``__init__`` (TRL's ``SFTTrainer`` tokenizes
         conversations) overrides this to prepare each task's data the same way. Called before anything changes."""
         return dataset
-
-    def check_generation_eval_dataset(self, task: ContinualTask) -> None:
-        """Refuse, before anything changes, eval data that :meth:`generation_references` cannot read."""
-        columns = getattr(task.eval_dataset, "column_names", None) or []
-        missing = [c for c in (self.args.eval_prompt_column, self.args.eval_answer_column) if c not in columns]
-        if missing:
-            raise ValueError(f"Task '{task.name}': the eval_dataset has no column {missing} (it has {columns}); "
-                             "set eval_prompt_column / eval_answer_column in the training arguments.")
-
-    def generation_references(self, dataset: Any) -> tuple[list[str], list[str]]:
-        """``(prompts, reference answers)`` of a generation task's eval data (default: the columns
-        ``eval_prompt_column`` / ``eval_answer_column``); e.g. a TRL trainer renders conversations here."""
-        return list(dataset[self.args.eval_prompt_column]), list(dataset[self.args.eval_answer_column])
-
-    def _adopt(self, sequence: SequenceSoFar) -> None:
-        """Make the resolved sequence the trainer's (loads a checkpoint's adapter into the model)."""
-        if sequence.source in ("memory", "fresh"):
-            return
-        self._adopt_class_statistics(sequence)  # may refuse: first, before anything changes
-        if sequence.class_ranges:  # first, so that a checkpoint's grown head fits
-            rows = max(sequence.class_ranges[-1][1], sequence.head_size)
-            ensure_head_size(self.peft_model, rows, self.args.seed)
-        if sequence.checkpoint is not None:
-            load_adapter_state(self.peft_model, sequence.checkpoint)
-        self.continual_tasks = list(sequence.tasks)
-        self._eval_datasets = list(sequence.eval_datasets)
-        self._class_ranges = list(sequence.class_ranges)
-        self.continual_result = copy.deepcopy(sequence.result)
-        self.continual_result.extra.update(self._result_extra())
-
-    def _adopt_class_statistics(self, sequence: SequenceSoFar) -> None:
-        """The class statistics of a sequence continued from a checkpoint or a downloaded adapter (read from the
-        checkpoint, or the folder / repo id given as ``previous_result``, unless loaded already); refuses where
-        alignment is on and the learned classes have none."""
-        alignment = self._head_alignment
-        if not alignment.enabled:
-            return
-        statistics, where = alignment.statistics, "the loaded statistics"
-        origin = (sequence.checkpoint, None) if sequence.checkpoint is not None else sequence.origin
-        if origin is not None:
-            found = load_class_statistics(origin[0], revision=origin[1], token=self.args.hub_token)
-            where = str(origin[0]) + (f" (revision {origin[1]})" if origin[1] else "")
-            statistics = found if found is not None else statistics
-        alignment.check_continuation(statistics, list(sequence.class_ranges), where)
-        alignment.statistics = statistics
-
-    def _push_missing(self) -> None:
-        """With push_task_revisions: push the finished tasks whose branch is missing (an upload failed before)."""
-        if self.args.push_task_revisions and self.continual_tasks:
-            self._push_missing_task_revisions([t.name for t in self.continual_tasks])
-
-    def _result_extra(self) -> dict[str, Any]:
-        if self.is_inflora:
-            method = "InfLoRA"
-        else:
-            peft_type = self.peft_model.peft_config[self.peft_model.active_adapter].peft_type
-            method = f"sequential {getattr(peft_type, 'value', peft_type)}"
-        return {"setting": self.args.setting, "method": method, "continual_arguments": self.args.continual_dict()}
 
     # ------------------------------------------------------------------ one task
     def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any,
@@ -506,25 +388,6 @@ class ContinualMixin(HeadLossMixin, HubMixin):
             self.processing_class.save_pretrained(str(folder))
         self._head_alignment.save(folder)
         self.write_model_card(folder, location=CardLocation(checkpoint_of=str(self.args.output_dir)))
-
-    def _predict(self, j: int, references: Optional[tuple[list[str], list[str]]]) -> Any:
-        """The model's outputs on task ``j``'s eval data: generated answers to ``references``' prompts, or the
-        Trainer's ``predict`` output."""
-        if not self._classification:
-            return generate_answers(
-                self.peft_model, self.processing_class, references[0], batch_size=self.args.per_device_eval_batch_size,
-                max_new_tokens=self.args.generation_max_new_tokens, device=self.args.device,
-                num_beams=getattr(self.args, "generation_num_beams", None) or 1)
-        return self.predict(self._eval_datasets[j], metric_key_prefix=f"eval_{self.continual_tasks[j].name}")
-
-    def _score(self, j: int, seen: int, output: Any, references: Optional[tuple[list[str], list[str]]]) -> float:
-        """Accuracy (answer score) on task ``j`` after learning tasks ``0..seen``, from :meth:`_predict`'s output."""
-        if not self._classification:
-            return score_answers(output, references[1], self.task_metric(self.continual_tasks[j]))
-        classes = (0, self._class_ranges[seen][1]) if self.args.setting == "class_incremental" \
-            else self._class_ranges[j]
-        return classification_accuracy(output.predictions, output.label_ids, classes,
-                                       self.task_metric(self.continual_tasks[j]))
 
     def _call_task_event(self, event: str, **kwargs: Any) -> None:
         for callback in self.callback_handler.callbacks:
