@@ -5,11 +5,14 @@ split, tiny-ViT pretraining, head/LoRA initialisation and batch order), then rep
 A_avg, BWT, forgetting and, per task, the accuracy right after its own training next to the final one.
 
     python benchmarks/bench_vision_heads.py --seeds 0,1,2 --alignments none,new_rows,authors
+    python benchmarks/bench_vision_heads.py --seeds 0,1,2 --alignments none,new_rows --statistics every_batch \
+        --merge benchmarks/results/vision_heads_3seeds/vision_heads.json   # every batch vs the default's sample
     python benchmarks/bench_vision_heads.py --summarize-only      # the table of runs already in --runs
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +26,8 @@ from bench_quality import own_and_final_table  # noqa: E402
 LABELS = {"none": "InfLoRA (trained head)", "new_rows": "InfLoRA + new-rows CA", "authors": "InfLoRA + authors' CA"}
 
 
-def run_dir(runs: Path, alignment: str, seed: int) -> Path:
-    return runs / f"vit_{alignment}_s{seed}"
+def run_dir(runs: Path, alignment: str, seed: int, every_batch: bool = False) -> Path:
+    return runs / f"vit_{alignment}{'_allbatches' if every_batch else ''}_s{seed}"
 
 
 def main(argv=None) -> dict:
@@ -34,23 +37,35 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--alignments", default="none,new_rows,authors")
     p.add_argument("--runs", default=str(C.ROOT / "runs"), help="where the example's output folders go")
+    p.add_argument("--statistics", choices=("default", "every_batch", "both"), default="default",
+                   help="the statistics passes of the InfLoRA runs: the default sample "
+                        "(statistics_max_tokens='auto'), every batch (statistics_max_tokens=None), or both")
+    p.add_argument("--merge", default="", help="comma-separated vision_heads.json files of earlier runs: their "
+                                               "methods are added to the report (runs of this call win)")
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     alignments = [a.strip() for a in args.alignments.split(",") if a.strip()]
     runs = Path(args.runs)
+    variants = [(a, every) for every in {"default": [False], "every_batch": [True], "both": [False, True]}[
+        args.statistics] for a in alignments]
     if not args.summarize_only:
         for seed in seeds:
-            for alignment in alignments:
+            for alignment, every_batch in variants:
+                folder = run_dir(runs, alignment, seed, every_batch)
                 subprocess.run([sys.executable, str(C.EXAMPLES_DIR / "continual_vision_vit.py"), "--output_dir",
-                                str(run_dir(runs, alignment, seed)), "--seed", str(seed), "--classifier_alignment",
-                                alignment, "--threads", str(args.threads)], check=True)
+                                str(folder), "--seed", str(seed), "--classifier_alignment", alignment, "--threads",
+                                str(args.threads)] + (["--every_batch"] if every_batch else []), check=True)
     results: dict[str, list] = {}
-    for alignment in alignments:
-        found = [run_dir(runs, alignment, s) / "continual_result.json" for s in seeds]
+    for alignment, every_batch in variants:
+        found = [run_dir(runs, alignment, s, every_batch) / "continual_result.json" for s in seeds]
         found = [f for f in found if f.is_file()]
         if found:
-            results[LABELS.get(alignment, alignment)] = [ContinualResult.from_json(f) for f in found]
+            label = LABELS.get(alignment, alignment) + (" (all batches)" if every_batch else "")
+            results[label] = [ContinualResult.from_json(f) for f in found]
+    for earlier in filter(None, (m.strip() for m in args.merge.split(","))):
+        for method, runs_of in json.loads(Path(earlier).read_text())["runs"].items():
+            results.setdefault(method, [ContinualResult.from_dict(r) for r in runs_of])
     payload = {"seeds": seeds, "task_names": next(iter(results.values()))[0].task_names,
                "runs": {m: [r.to_dict() for r in rs] for m, rs in results.items()}}
     text = "\n".join([

@@ -66,6 +66,9 @@ class ExampleArguments:
     target_modules: str = field(default="k_proj,v_proj",
                                 metadata={"help": "Comma-separated module names (older transformers: key,value)."})
     energy_threshold: float = field(default=0.99, metadata={"help": "InfLoRA's lambda."})
+    every_batch: bool = field(default=False, metadata={
+        "help": "Read every batch in the statistics passes (statistics_max_tokens=None, the paper) instead of the "
+                "default sample (statistics_max_tokens='auto')."})
     baseline_lora: bool = field(default=False, metadata={"help": "Also run plain LoRA on the same sequence."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)."})
 
@@ -175,7 +178,8 @@ def run_sequence(method: str, args: ExampleArguments, training: ContinualTrainin
     targets = [m.strip() for m in args.target_modules.split(",") if m.strip()]
     if method == "inflora":
         config = InfLoRAConfig(r=args.r, target_modules=targets, modules_to_save=["classifier"],
-                               energy_threshold=args.energy_threshold, total_tasks=len(tasks))
+                               energy_threshold=args.energy_threshold, total_tasks=len(tasks),
+                               statistics_max_tokens=None if args.every_batch else "auto")
     else:
         config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=targets, modules_to_save=["classifier"])
     model = get_peft_model(model, config)

