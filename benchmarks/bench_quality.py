@@ -9,8 +9,8 @@ peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old
 * InfLoRA random (the language-model follow-up's design);
 * InfLoRA + classifier alignment after every task (``classifier_alignment``): the authors' (every row re-trained) and
   the new task's rows only (the trainer's default for class_incremental), also with every batch read by the
-  statistics; sequential LoRA + the new-rows alignment (backbone vs head). Every other method runs with
-  ``classifier_alignment="none"``;
+  statistics; a cosine head while each task trains (``head_logits="cosine"``) + the authors' alignment; sequential
+  LoRA + the new-rows alignment (backbone vs head). Every other method runs with ``classifier_alignment="none"``;
 * sequential LoRA (PEFT LoRA trained task after task: the forgetting baseline);
 * OSF (PEFT's orthogonal subspace fine-tuning), if this PEFT has ``OSFConfig``: after each task the update is merged
   and the weights are decomposed again with a larger preserved rank (50% of the singular directions at task 1, rising
@@ -43,7 +43,8 @@ import _common as C  # noqa: E402
 import _plots  # noqa: E402
 
 
-METHODS = ["InfLoRA eigen", "InfLoRA + authors' CA", "InfLoRA + new-rows CA", "InfLoRA (all batches) + new-rows CA",
+METHODS = ["InfLoRA eigen", "InfLoRA + authors' CA", "InfLoRA + new-rows CA", "InfLoRA + cosine head + authors' CA",
+           "InfLoRA (all batches) + new-rows CA",
            "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "sequential LoRA + new-rows CA", "OSF",
            "heads only", "joint LoRA"]
 
@@ -115,10 +116,16 @@ class OSFContinual(_osf_callback_base()):
                 module.update_layer(name, rank, config=self.config)
 
 
-def training_args(out: str, quick: bool, seed: int, alignment: str = "none"):
+def head_logits_of(method: str) -> str:
+    """The trainer's ``head_logits``: ``cosine`` where the method's name says so, else ``linear``."""
+    return "cosine" if "cosine head" in method else "linear"
+
+
+def training_args(out: str, quick: bool, seed: int, alignment: str = "none", head_logits: str = "linear"):
     from peft_inflora import ContinualTrainingArguments
 
     return ContinualTrainingArguments(output_dir=out, setting="class_incremental", classifier_alignment=alignment,
+                                      head_logits=head_logits,
                                       learning_rate=2e-3,
                                       num_train_epochs=1 if quick else 3, per_device_train_batch_size=16,
                                       per_device_eval_batch_size=64, report_to="none", save_strategy="no",
@@ -161,7 +168,8 @@ def run(method: str, seed: int, tasks, tokenizer, quick: bool, r: int, workdir: 
     torch.manual_seed(seed)
     num_labels = sum(len(t.label_names) for t in tasks)
     model, callbacks = make_model(method, quick, num_labels, len(tasks), r, init_seed=seed if init_per_seed else 0)
-    trainer = ContinualTrainer(model=model, args=training_args(workdir, quick, seed, alignment_of(method)),
+    args = training_args(workdir, quick, seed, alignment_of(method), head_logits_of(method))
+    trainer = ContinualTrainer(model=model, args=args,
                                processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
                                callbacks=callbacks)
     t0 = time.perf_counter()

@@ -24,10 +24,11 @@ LOSS_CLASSES = ("task", "seen")
 # classifier alignment after each task (see head_alignment.py): "auto" = "new_rows" for class_incremental, else "none"
 CLASSIFIER_ALIGNMENTS = ("auto", "none", "authors", "new_rows")
 CLASS_STATISTICS_SOURCES = ("last_epoch", "extra_pass")
+HEAD_LOGITS = ("linear", "cosine")  # how the head's logits are computed while a task trains (see heads.CosineLogits)
 # the PEFT task types a user may pass to `setting` by mistake (PeftConfig.task_type is another option)
 _PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
-__all__ = ["CLASSIFIER_ALIGNMENTS", "CLASS_STATISTICS_SOURCES", "ContinualArguments",
+__all__ = ["CLASSIFIER_ALIGNMENTS", "CLASS_STATISTICS_SOURCES", "HEAD_LOGITS", "ContinualArguments",
            "ContinualSeq2SeqTrainingArguments", "ContinualTask", "ContinualTrainingArguments", "LOSS_CLASSES",
            "SETTINGS", "task_record"]
 
@@ -123,6 +124,16 @@ class ContinualArguments:
         "help": "With push_task_revisions: the revision each new task branch is created from (default: hub_revision, "
                 "else main)."})
 
+    head_logits: str = field(default="linear", metadata={
+        "help": "Classification: the logits each task's training loss reads. linear: W x + b. cosine: "
+                "cosine_scale * cos(x, w_c) (features and head rows normalised, bias unused), which removes the norm "
+                "bias between the rows of different tasks; classifier alignment then re-fits the head as linear "
+                "W x + b for the evaluation (use classifier_alignment=authors, which re-fits every row: measured "
+                "best with it, benchmarks/RESULTS.md); with classifier_alignment=none the evaluation reads the cosine "
+                "logits too.",
+        "choices": list(HEAD_LOGITS)})
+    cosine_scale: float = field(default=16.0, metadata={
+        "help": "head_logits=cosine: the scale s of the logits s * cos(x, w_c)."})
     classifier_alignment: str = field(default="auto", metadata={
         "help": "Classifier alignment after each task (before its evaluation), from per-class feature statistics "
                 "(mean, covariance of the head's input) of every class seen so far. new_rows: re-train only the new "
@@ -187,6 +198,17 @@ class ContinualArguments:
         if self.alignment_mean_decay is None:
             return self.alignment_mode() == "authors"
         return bool(self.alignment_mean_decay)
+
+    def _check_head_arguments(self) -> None:
+        if self.head_logits not in HEAD_LOGITS:
+            raise ValueError(f"head_logits must be one of {HEAD_LOGITS}, got {self.head_logits!r}.")
+        if self.head_logits == "cosine" and self.setting == "generation":
+            raise ValueError("head_logits='cosine' changes a classification head's logits: setting='generation' has "
+                             "no classifier head, so drop head_logits.")
+        scale = self.cosine_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"cosine_scale must be a number > 0 (the logits are cosine_scale * cos(x, w_c)), got "
+                             f"{scale!r}.")
 
     def _check_alignment_arguments(self) -> None:
         mode = self.classifier_alignment
@@ -263,6 +285,7 @@ class ContinualArguments:
         elif self.task_revision_base is not None:
             raise ValueError("task_revision_base is the revision the per-task branches are created from: it needs "
                              "push_task_revisions=True (or drop task_revision_base).")
+        self._check_head_arguments()
         self._check_alignment_arguments()
 
 

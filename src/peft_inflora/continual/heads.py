@@ -23,9 +23,9 @@ from .arguments import ContinualTask
 
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
 
-__all__ = ["ClassRange", "FrozenHeadRows", "HeadLossMixin", "RestoreFrozenHeadRows", "check_local_labels",
-           "class_ranges", "ensure_head_size", "find_head", "grow_linear", "new_head_row", "num_task_classes",
-           "to_global_labels"]
+__all__ = ["ClassRange", "CosineLogits", "FrozenHeadRows", "HeadLossMixin", "RestoreFrozenHeadRows",
+           "check_local_labels", "class_ranges", "ensure_head_size", "find_head", "grow_linear", "new_head_row",
+           "num_task_classes", "to_global_labels"]
 
 
 def label_column(dataset: Any) -> Optional[str]:
@@ -148,6 +148,41 @@ def ensure_head_size(model: PeftModel, num_classes: int, seed: int = 0) -> None:
     for module in model.modules():  # transformers heads keep their own copy for the loss
         if isinstance(getattr(module, "num_labels", None), int) and module is not model:
             module.num_labels = num_classes
+
+
+class CosineLogits:
+    """A cosine head on an ``nn.Linear`` head: while :attr:`active`, its logits ``W x + b`` (``N x C``) become
+
+        logits[n, c] = s * <x_n, w_c> / (||x_n|| ||w_c||)       (x: N x d, W: C x d; the bias is not used)
+
+    through a forward hook, so the model's own forward (and the Trainer's loss) read them. :meth:`attach` puts the
+    hook on a head module (again after the head grows: growing replaces the module) and activates it; :meth:`detach`
+    removes it."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = float(scale)
+        self.active = False
+        self.head: Optional[nn.Linear] = None
+        self._handle: Any = None
+
+    def attach(self, head: nn.Linear) -> None:
+        if head is not self.head:
+            self.detach()
+            self.head, self._handle = head, head.register_forward_hook(self._logits)
+        self.active = True
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self.head, self._handle = None, None
+
+    def _logits(self, module: nn.Linear, args: tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.active:
+            return None
+        x = args[0]
+        logits = self.scale * F.linear(F.normalize(x.to(module.weight.dtype), dim=-1),
+                                       F.normalize(module.weight, dim=-1))
+        return logits.to(output.dtype)
 
 
 class FrozenHeadRows:

@@ -37,6 +37,7 @@ from .evaluation import AnswerMetric, TaskMetric
 from .head_alignment import HeadAlignment
 from .heads import (
     ClassRange,
+    CosineLogits,
     FrozenHeadRows,
     HeadLossMixin,
     RestoreFrozenHeadRows,
@@ -124,6 +125,9 @@ class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin
         self._last_train_output: Any = None
         self._task_metrics: dict[str, TaskMetric] = {}  # by task name
         self._head_alignment = HeadAlignment(self.args)  # class statistics + alignment after each task
+        # head_logits="cosine": cosine logits while a task trains (and in the evaluation, without alignment)
+        self._cosine = CosineLogits(self.args.cosine_scale) \
+            if self._classification and self.args.head_logits == "cosine" else None
         if self.args.setting != "generation":
             self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
@@ -315,6 +319,8 @@ class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin
             if classes is not None:
                 self._task_classes, self._frozen_head = classes, FrozenHeadRows(peft_model, classes)
                 self._head_alignment.begin_task(find_head(peft_model)[1])
+                if self._cosine is not None:
+                    self._cosine.attach(find_head(peft_model)[1])  # and active while the task trains
             t0 = time.perf_counter()
             if self.is_inflora:
                 peft_model.begin_task(self.get_train_dataloader(), progress=show)
@@ -342,6 +348,8 @@ class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin
         finally:
             self.train_dataset, self.eval_dataset = user_data
             self._current, self._task_classes, self._frozen_head = None, None, None
+            if self._cosine is not None:  # aligned heads are linear; without alignment the head stays cosine
+                self._cosine.active = not self._head_alignment.enabled
         if self.is_inflora:
             self.log(report_capacity(peft_model, result, index + 1, task.name,
                                      len(self._planned_names) if self._planned_names else None))
