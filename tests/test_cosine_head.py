@@ -30,7 +30,8 @@ def test_cosine_logits_equal_a_float64_reference_while_active_and_the_linear_hea
     cosine = CosineLogits(scale=16.0)
     cosine.attach(head)
     np.testing.assert_allclose(head(x).detach().numpy(),
-                               numpy_cosine_logits(x.numpy(), head.weight.detach().numpy(), 16.0), rtol=1e-5, atol=1e-5)
+                               numpy_cosine_logits(x.numpy(), head.weight.detach().numpy(), 16.0),
+                               rtol=1e-5, atol=1e-5)
     cosine.active = False
     assert torch.equal(head(x), linear)
     cosine.active = True
@@ -45,7 +46,8 @@ def test_attaching_to_a_grown_head_moves_the_hook():
     cosine.attach(grown)
     assert torch.equal(first(x), nn.functional.linear(x, first.weight, first.bias))  # the old module is released
     np.testing.assert_allclose(grown(x).detach().numpy(),
-                               numpy_cosine_logits(x.numpy(), grown.weight.detach().numpy(), 2.0), rtol=1e-5, atol=1e-6)
+                               numpy_cosine_logits(x.numpy(), grown.weight.detach().numpy(), 2.0),
+                               rtol=1e-5, atol=1e-6)
 
 
 class HeadProbe(ContinualCallback):
@@ -97,11 +99,34 @@ def test_with_alignment_the_aligned_head_is_evaluated_as_linear(tmp_path):
     assert torch.count_nonzero(records[-1][3]) > 0  # alignment re-fits W x + b, bias included
 
 
-def test_the_cosine_head_changes_the_training_and_linear_stays_the_default(tmp_path):
-    assert training_args(tmp_path).head_logits == "linear"
-    linear = run(tmp_path / "linear", classifier_alignment="none")[2][0]
+def test_the_cosine_head_changes_the_training(tmp_path):
+    linear = run(tmp_path / "linear", head_logits="linear", classifier_alignment="none")[2][0]
     cosine = run(tmp_path / "cosine", head_logits="cosine", classifier_alignment="none")[2][0]
     assert not torch.equal(linear[2], cosine[2])  # the trained rows differ
+
+
+@pytest.mark.parametrize("overrides, head, alignment", [
+    ({}, "cosine", "authors"),  # the default pair for class_incremental: the best measured
+    ({"classifier_alignment": "none"}, "linear", None),  # the paper's head
+    ({"classifier_alignment": "new_rows"}, "linear", "new_rows"),  # explicit choices are taken literally
+    ({"classifier_alignment": "authors"}, "linear", "authors"),
+    ({"head_logits": "linear"}, "linear", "new_rows"),  # auto alignment follows the head
+    ({"head_logits": "cosine", "classifier_alignment": "new_rows"}, "cosine", "new_rows"),
+    ({"setting": "task_incremental"}, "linear", None),
+    ({"setting": "generation"}, "linear", None),
+])
+def test_auto_resolves_the_head_and_the_alignment_together(tmp_path, overrides, head, alignment):
+    args = training_args(tmp_path, **overrides)
+    assert (args.head_mode(), args.alignment_mode()) == (head, alignment)
+
+
+def test_the_default_trainer_trains_a_cosine_head_and_evaluates_the_aligned_linear_head(tmp_path):
+    trainer, result, records, bias_before = run(tmp_path)
+    assert trainer._cosine is not None and not trainer._cosine.active  # aligned: linear at evaluation
+    x, logits, weight, bias = records[0]  # after task 1 nothing is aligned yet (alignment starts at task 2)
+    np.testing.assert_allclose(logits.numpy(), (x.double() @ weight.double().T + bias.double()).numpy(),
+                               rtol=1e-4, atol=1e-4)
+    assert torch.equal(bias[: bias_before.numel()], bias_before)  # task 1 trained cosine: the bias never moved
 
 
 def test_head_logits_parses_with_hf_argument_parser(tmp_path):

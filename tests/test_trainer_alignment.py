@@ -67,9 +67,11 @@ def test_the_alignment_options_parse_with_hf_argument_parser_and_resolve_their_d
         ("authors", 3, 64, 0.05, False, 0.2, "shared", 4, "extra_pass")
     with pytest.raises(SystemExit):  # argparse knows the choices
         parser.parse_args_into_dataclasses(args=["--output_dir", str(tmp_path), "--classifier_alignment", "ncm"])
-    # defaults: the best measured head for class_incremental, nothing where alignment does not apply
-    assert training_args(tmp_path).alignment_mode() == "new_rows"
-    assert not training_args(tmp_path).alignment_decay()  # new_rows: no mean decay (measured best)
+    # defaults: the best measured head for class_incremental (a cosine head, then the authors' alignment; with a
+    # linear head the new rows only), nothing where alignment does not apply
+    assert training_args(tmp_path).alignment_mode() == "authors"
+    assert training_args(tmp_path, head_logits="linear").alignment_mode() == "new_rows"
+    assert not training_args(tmp_path, head_logits="linear").alignment_decay()  # new_rows: no mean decay
     assert training_args(tmp_path, classifier_alignment="authors").alignment_decay()  # the authors' code
     assert training_args(tmp_path, setting="task_incremental").alignment_mode() is None
     assert training_args(tmp_path, setting="generation").alignment_mode() is None

@@ -21,10 +21,10 @@ from .alignment import STORAGES
 
 SETTINGS = ("class_incremental", "task_incremental", "generation")
 LOSS_CLASSES = ("task", "seen")
-# classifier alignment after each task (see head_alignment.py): "auto" = "new_rows" for class_incremental, else "none"
+# classifier alignment after each task (see head_alignment.py); "auto": see ContinualArguments.alignment_mode
 CLASSIFIER_ALIGNMENTS = ("auto", "none", "authors", "new_rows")
 CLASS_STATISTICS_SOURCES = ("last_epoch", "extra_pass")
-HEAD_LOGITS = ("linear", "cosine")  # how the head's logits are computed while a task trains (see heads.CosineLogits)
+HEAD_LOGITS = ("auto", "linear", "cosine")  # the head's logits while a task trains (heads.CosineLogits)
 # the PEFT task types a user may pass to `setting` by mistake (PeftConfig.task_type is another option)
 _PEFT_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
@@ -124,22 +124,23 @@ class ContinualArguments:
         "help": "With push_task_revisions: the revision each new task branch is created from (default: hub_revision, "
                 "else main)."})
 
-    head_logits: str = field(default="linear", metadata={
+    head_logits: str = field(default="auto", metadata={
         "help": "Classification: the logits each task's training loss reads. linear: W x + b. cosine: "
                 "cosine_scale * cos(x, w_c) (features and head rows normalised, bias unused), which removes the norm "
                 "bias between the rows of different tasks; classifier alignment then re-fits the head as linear "
-                "W x + b for the evaluation (use classifier_alignment=authors, which re-fits every row: measured "
-                "best with it, benchmarks/RESULTS.md); with classifier_alignment=none the evaluation reads the cosine "
-                "logits too.",
+                "W x + b for the evaluation (with classifier_alignment=none the evaluation reads the cosine logits "
+                "too). auto (default): cosine with setting=class_incremental and classifier_alignment=auto (which "
+                "then means authors: the best measured pair, benchmarks/RESULTS.md section 11), linear otherwise.",
         "choices": list(HEAD_LOGITS)})
     cosine_scale: float = field(default=16.0, metadata={
         "help": "head_logits=cosine: the scale s of the logits s * cos(x, w_c)."})
     classifier_alignment: str = field(default="auto", metadata={
         "help": "Classifier alignment after each task (before its evaluation), from per-class feature statistics "
-                "(mean, covariance of the head's input) of every class seen so far. new_rows: re-train only the new "
-                "task's head rows on Gaussian samples of every seen class (best measured, benchmarks/RESULTS.md "
-                "section 9); authors: re-train every seen row (the InfLoRA repository's inflora_ca); none: off; "
-                "auto (default): new_rows with setting=class_incremental, none otherwise. Needs an nn.Linear head "
+                "(mean, covariance of the head's input) of every class seen so far. authors: re-train every seen "
+                "row (the InfLoRA repository's inflora_ca); new_rows: re-train only the new task's rows (best with "
+                "a linear head, benchmarks/RESULTS.md section 10); none: off; auto (default): with "
+                "setting=class_incremental, authors after a cosine head (head_logits auto or cosine: the default "
+                "pair, best measured) and new_rows after head_logits=linear; none otherwise. Needs an nn.Linear head "
                 "in modules_to_save.",
         "choices": list(CLASSIFIER_ALIGNMENTS)})
     alignment_epochs: int = field(default=5, metadata={
@@ -183,14 +184,25 @@ class ContinualArguments:
         """The continual options by name (saved in the result's ``extra["continual_arguments"]``)."""
         return {name: getattr(self, name) for name in self.continual_field_names()}
 
+    def head_mode(self) -> str:
+        """The head's training logits, ``"cosine"`` or ``"linear"`` (``"auto"`` resolved: cosine for
+        ``class_incremental`` with ``classifier_alignment="auto"``)."""
+        if self.head_logits != "auto":
+            return self.head_logits
+        auto = self.setting == "class_incremental" and self.classifier_alignment == "auto"
+        return "cosine" if auto else "linear"
+
     def alignment_mode(self) -> Optional[str]:
         """The classifier alignment this run makes: ``"authors"``, ``"new_rows"`` or ``None`` (``"auto"`` resolved
-        by ``setting``)."""
+        by ``setting`` and the head: with ``class_incremental``, ``authors`` after a cosine head, every row re-fitted
+        as a linear head, and ``new_rows`` after a linear one; the best measured for each)."""
         mode = self.classifier_alignment
         if mode in (None, "none"):
             return None
         if mode == "auto":
-            return "new_rows" if self.setting == "class_incremental" else None
+            if self.setting != "class_incremental":
+                return None
+            return "authors" if self.head_mode() == "cosine" else "new_rows"
         return mode
 
     def alignment_decay(self) -> bool:

@@ -127,7 +127,7 @@ class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin
         self._head_alignment = HeadAlignment(self.args)  # class statistics + alignment after each task
         # head_logits="cosine": cosine logits while a task trains (and in the evaluation, without alignment)
         self._cosine = CosineLogits(self.args.cosine_scale) \
-            if self._classification and self.args.head_logits == "cosine" else None
+            if self._classification and self.args.head_mode() == "cosine" else None
         if self.args.setting != "generation":
             self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
 
