@@ -252,9 +252,12 @@ def merge(args) -> dict:
     for folder in [f.strip() for f in args.merge.split(",") if f.strip()]:
         data = __import__("json").loads((Path(folder) / "quality.json").read_text())
         task_names, environment = data["task_names"], data["environment"]
-        per_seed_init = data.get("init_per_seed", False)
+        earlier_zero = data.get("seed_zero_init")  # a merged folder names its seed-0-initialised methods
         for method, method_runs in data["runs"].items():
-            for seed, run in zip(data["seeds"], method_runs):
+            per_seed_init = (method not in earlier_zero) if earlier_zero is not None \
+                else data.get("init_per_seed", False)
+            method_seeds = data.get("seeds_per_method", {}).get(method, data["seeds"])
+            for seed, run in zip(method_seeds, method_runs):
                 if seed in by_seed.setdefault(method, {}):
                     replaced.append(f"{method} seed {seed} (by {folder})")
                 by_seed[method][seed] = run

@@ -80,6 +80,16 @@ def test_bench_quality_quick(tmp_path):
     assert len(merged["replaced"]) == 4 and all("seed 0 (by " in line for line in merged["replaced"])
     assert (tmp_path / "merged" / "quality_accuracy.png").stat().st_size > 0
     assert (tmp_path / "merged" / "quality_forgetting.png").stat().st_size > 0
+    # a merged folder, merged again, still says which methods ran with the seed-0 initialisation
+    data = json.loads((tmp_path / "quality_quick.json").read_text())
+    for folder, payload in (("old", {**data, "init_per_seed": False}),
+                            ("new", {**data, "runs": {"heads only": data["runs"]["heads only"]}})):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "quality.json").write_text(json.dumps(payload))
+    once = load("quality").main(["--merge", f"{tmp_path / 'old'},{tmp_path / 'new'}", "--out", str(tmp_path / "m1")])
+    assert once["seed_zero_init"] == sorted(set(result["runs"]) - {"heads only"})
+    twice = load("quality").main(["--merge", str(tmp_path / "m1"), "--out", str(tmp_path / "m2")])
+    assert twice["seed_zero_init"] == once["seed_zero_init"]
 
 
 def test_bench_statistics_memory_quick(tmp_path):

@@ -64,6 +64,8 @@ def assert_full_card(folder, result: ContinualResult, *, license=None, language=
     assert "| 48 | 24 |" in text  # train / eval examples of a task
     assert result.summary_table() in text  # the accuracy matrix, A_T, A_avg, BWT, forgetting
     assert "| `energy_threshold` | `0.95` |" in text and "| `r` | `4` |" in text
+    # the class-incremental head as it was trained and aligned ("auto" resolved)
+    assert "| `head_logits` | `cosine` |" in text and "| `classifier_alignment` | `authors` |" in text
     assert "## Capacity left per layer" in text and "`bert.encoder.layer.0.attention.self.query` | 32 |" in text
     assert "PeftModel.from_pretrained(base, REPO_ID" in text and "import peft_inflora" in text
     return card, text

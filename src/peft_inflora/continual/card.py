@@ -39,7 +39,7 @@ _INFLORA_OPTIONS = ("r", "target_modules", "rank_pattern", "energy_threshold", "
                     "total_tasks", "design", "memory", "fold", "solver", "statistics_max_batches",
                     "statistics_max_tokens", "statistics_sketch", "share_input_statistics", "modules_to_save")
 TRAINING_OPTIONS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay", "seed")
-_CONTINUAL_OPTIONS = ("setting", "loss_classes", "eval_metric")
+_CONTINUAL_OPTIONS = ("setting", "loss_classes", "head_logits", "classifier_alignment", "eval_metric")
 
 
 @dataclass

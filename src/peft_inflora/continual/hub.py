@@ -101,6 +101,9 @@ class HubMixin:
         config = peft_model.peft_config[peft_model.active_adapter]
         base = getattr(config, "base_model_name_or_path", None)
         options = {**self.args.continual_dict(), **{k: getattr(self.args, k, None) for k in TRAINING_OPTIONS}}
+        classification = self.args.setting != "generation"  # the head's options, "auto" resolved
+        options["head_logits"] = self.args.head_mode() if classification else None
+        options["classifier_alignment"] = (self.args.alignment_mode() or "none") if classification else None
         capacity = peft_model.capacity_report() if self.is_inflora else None
         versions = {name: _version(dist) for name, dist in _VERSIONS}
         return build_model_card(
