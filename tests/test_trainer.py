@@ -63,7 +63,9 @@ def test_the_first_task_is_learned(finished_run):
     assert result.accuracy_matrix[0][0] >= 0.9  # marker tokens make task 0 easy
 
 
-def test_old_head_rows_stay_bit_identical_while_later_tasks_train_even_with_weight_decay(tmp_path):
+@pytest.mark.parametrize("head_logits", ["linear", "cosine"])
+def test_old_head_rows_stay_bit_identical_while_later_tasks_train_even_with_weight_decay(tmp_path, head_logits):
+    # training alone (no alignment after the task, which may re-fit old rows: the authors' alignment does)
     class Snapshot(ContinualCallback):
         rows = {}
 
@@ -71,8 +73,9 @@ def test_old_head_rows_stay_bit_identical_while_later_tasks_train_even_with_weig
             head = model.base_model.model.classifier.modules_to_save["default"]
             Snapshot.rows[task_index] = (head.weight.detach().clone(), head.bias.detach().clone())
 
-    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, weight_decay=0.5),
-                               callbacks=[Snapshot()])
+    trainer = ContinualTrainer(model=inflora_bert(), callbacks=[Snapshot()],
+                               args=training_args(tmp_path, weight_decay=0.5, head_logits=head_logits,
+                                                  classifier_alignment="none"))
     trainer.train_continual(tasks((2, 3)))
     w0, b0 = Snapshot.rows[0]
     w1, b1 = Snapshot.rows[1]
@@ -167,7 +170,8 @@ def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
     out = tmp_path / "run"
-    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(out, num_train_epochs=1,
+    # a linear head aligned by its new rows (head_logits="linear") keeps the learned classes' rows bit for bit
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(out, num_train_epochs=1, head_logits="linear",
                                                                         hub_model_id="me/inflora-demo"))
     seq = tasks((2, 3, 2))
     trainer.train_continual(seq[:2])
@@ -185,7 +189,8 @@ def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_
     trainer.peft_model.eval()
     with torch.no_grad():
         assert torch.equal(downloaded(**ref_in).logits, trainer.peft_model(**ref_in).logits)
-    nxt = ContinualTrainer(model=downloaded, args=training_args(tmp_path / "next", num_train_epochs=1))
+    nxt = ContinualTrainer(model=downloaded, args=training_args(tmp_path / "next", num_train_epochs=1,
+                                                                head_logits="linear"))
     with pytest.raises(ValueError, match="previous_result"):  # the learned tasks' classes must not be reused
         nxt.train_continual([seq[2]])
     with pytest.raises(ValueError, match="must start with"):

@@ -65,7 +65,8 @@ def test_every_continual_option_parses_with_hf_argument_parser_and_shows_in_help
         "--generation_max_new_tokens", "7", "--eval_prompt_column", "question", "--eval_answer_column", "gold",
         "--push_to_hub", "--hub_model_id", "me/x", "--push_task_revisions", "--task_revision_base", "dev",
         "--eval_metric", "rouge", "--eval_metric_key", "rougeL"])
-    alignment = ("classifier_alignment", "alignment_", "class_statistics_")  # tests/test_trainer_alignment.py
+    # the head's options: tests/test_trainer_alignment.py and tests/test_cosine_head.py
+    alignment = ("classifier_alignment", "alignment_", "class_statistics_", "head_logits", "cosine_scale")
     assert {k: v for k, v in args.continual_dict().items() if not k.startswith(alignment)} == {
                                      "setting": "task_incremental", "loss_classes": "seen",
                                      "generation_max_new_tokens": 7, "eval_prompt_column": "question",
