@@ -4,13 +4,16 @@
 before PEFT injects any layer; the state dict is then checked against the layers it is loaded into and the continual
 state resized to the saved shapes (:func:`checked_load_plan`, :func:`resize_for_load`); a load that fails before any
 weight is set takes the freshly injected adapter out of the model again (:func:`undo_failed_load`).
+:class:`AdapterFileMixin` holds the two tuner hooks (``_get_adapter_state_dict``,
+``_remap_adapter_state_dict_for_load``) through which PEFT's saving and loading reach this module and
+:mod:`.storage`.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from peft.tuners.tuners_utils import _get_submodules
@@ -19,6 +22,11 @@ from torch import nn
 
 from .errors import AdapterFileError
 from .layer import InfLoRALayer
+from .storage import expand_shared_state, memory_storage_dtype, shared_state_for_save
+
+
+if TYPE_CHECKING:
+    from .config import InfLoRAConfig
 
 
 def check_adapter_weights(folder: Union[str, os.PathLike]) -> None:
@@ -184,3 +192,45 @@ def undo_failed_load(model: nn.Module, adapter_name: str) -> None:
                 param.requires_grad_(flags[name])
     except Exception:  # pragma: no cover - defensive
         warnings.warn(f"Could not take the adapter '{adapter_name}' out of the model after the failed load.")
+
+
+class AdapterFileMixin:
+    """The tuner's hooks into PEFT's saving and loading (mixed into ``InfLoRAModel`` before ``BaseTuner``): what
+    ``save_pretrained`` writes (one copy per input group, :mod:`.storage`) and the checks and resizing before
+    ``load_state_dict`` (this module)."""
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor],
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """What ``save_pretrained`` writes: PEFT's selection of the adapter's tensors, with ``inflora_B``,
+        ``inflora_past_B`` and ``inflora_memory`` kept once per input group (the other layers of the group name the
+        layer that holds them) and the memory in ``config.memory_storage_dtype``. See :mod:`peft_inflora.storage`."""
+        dtype = memory_storage_dtype(config)  # a bad value raises before anything is written
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return shared_state_for_save(to_return, adapter_name, memory_dtype=dtype)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before loading: check every layer's saved state is present and fits the base model, then resize the
+        continual-state tensors (their shapes grow with the tasks learned) so the checkpoint loads into them. With
+        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before).
+        Tensors saved once per input group are first copied back to every layer of the group, and a memory saved in
+        16 bits is re-orthonormalised (:func:`peft_inflora.storage.expand_shared_state`; files with one copy per
+        layer load as they are). See :mod:`peft_inflora.loading`."""
+        # set by InfLoRAConfig.from_pretrained: this adapter was injected by the load now running (PeftModel.
+        # from_pretrained / load_adapter of a new adapter), so a failure may take it out again
+        fresh = config.__dict__.pop("_undo_if_load_fails", False)
+        try:
+            source = getattr(config, "_loaded_from", None)
+            where = f"The adapter in {source}" if source else "The adapter checkpoint"
+            state_dict = expand_shared_state(state_dict, where)
+            state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+            plan = checked_load_plan(model, config, adapter_name, state_dict)
+        except Exception:
+            if fresh:
+                undo_failed_load(model, adapter_name)  # nothing was loaded yet: leave the base model as it was given
+            raise
+        resize_for_load(plan, adapter_name)
+        return state_dict

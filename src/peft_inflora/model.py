@@ -38,14 +38,13 @@ from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: i
 from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear  # noqa: F401  (Linear: importable from here, as before)
 from .lifecycle import design_groups, update_group_memories
-from .loading import checked_load_plan, resize_for_load, undo_failed_load
+from .loading import AdapterFileMixin
 from .reports import LayerCapacity, LayerInterference, capacity_report, interference_report
 from .statistics import InputGroup, collect_statistics
-from .storage import expand_shared_state, memory_storage_dtype, shared_state_for_save
 from .subspace import sketch_size
 
 
-class InfLoRAModel(BaseTuner):
+class InfLoRAModel(AdapterFileMixin, BaseTuner):
     """Creates an InfLoRA model (Liang & Li, CVPR 2024) from a pretrained transformers model.
 
     Example:
@@ -401,40 +400,3 @@ class InfLoRAModel(BaseTuner):
                 for adapter in list(module.fold):
                     module.remove_folded_past(adapter)
         return self._unload_and_optionally_merge(merge=False)
-
-    # ------------------------------------------------------------------ saving / loading
-    @classmethod
-    def _get_adapter_state_dict(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
-                                state_dict: dict[str, torch.Tensor],
-                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
-        """What ``save_pretrained`` writes: PEFT's selection of the adapter's tensors, with ``inflora_B``,
-        ``inflora_past_B`` and ``inflora_memory`` kept once per input group (the other layers of the group name the
-        layer that holds them) and the memory in ``config.memory_storage_dtype``. See :mod:`peft_inflora.storage`."""
-        dtype = memory_storage_dtype(config)  # a bad value raises before anything is written
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        return shared_state_for_save(to_return, adapter_name, memory_dtype=dtype)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: InfLoRAConfig, adapter_name: str,
-                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Before loading: check every layer's saved state is present and fits the base model, then resize the
-        continual-state tensors (their shapes grow with the tasks learned) so the checkpoint loads into them. With
-        ``fold="base"`` the saved finished tasks are added into the base weights (replacing any folded before).
-        Tensors saved once per input group are first copied back to every layer of the group, and a memory saved in
-        16 bits is re-orthonormalised (:func:`peft_inflora.storage.expand_shared_state`; files with one copy per
-        layer load as they are). See :mod:`peft_inflora.loading`."""
-        # set by InfLoRAConfig.from_pretrained: this adapter was injected by the load now running (PeftModel.
-        # from_pretrained / load_adapter of a new adapter), so a failure may take it out again
-        fresh = config.__dict__.pop("_undo_if_load_fails", False)
-        try:
-            source = getattr(config, "_loaded_from", None)
-            where = f"The adapter in {source}" if source else "The adapter checkpoint"
-            state_dict = expand_shared_state(state_dict, where)
-            state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            plan = checked_load_plan(model, config, adapter_name, state_dict)
-        except Exception:
-            if fresh:
-                undo_failed_load(model, adapter_name)  # nothing was loaded yet: leave the base model as it was given
-            raise
-        resize_for_load(plan, adapter_name)
-        return state_dict

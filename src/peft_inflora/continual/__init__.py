@@ -2,14 +2,14 @@
 plots and the Hub. It uses only the public API of the method (``peft_inflora``).
 
 Modules, one job each: ``arguments`` (the options and ``ContinualTask``), ``loop`` (the mixin over Trainer hooks, with
-``sequence``: the sequence so far, found and adopted, and ``task_evaluation``: the rows of the matrix),
-``trainer`` (``ContinualTrainer``, ``ContinualSeq2SeqTrainer``), ``heads`` (global labels, head growth, frozen rows),
-``evaluation`` (classification and generation, scored by ``evaluate`` metrics shipped in ``evaluate_metrics/``),
-``checkpoint`` (save and resume), ``card`` (the model card), ``hub`` (pushes, hub_strategy), ``revisions``
-(per-task branch names), ``alignment`` (class statistics and classifier alignment, the math), ``head_alignment`` (the
-same inside a run: statistics per task, alignment after it, their file next to the adapter), ``capacity`` (the
-memory's fill), ``metrics`` and ``result`` (the accuracy matrix and its metrics), ``plots``
-(matplotlib, imported only there).
+``sequence``: the sequence so far, found and adopted, and ``task_evaluation``: the rows of the matrix), ``trainer``
+(``ContinualTrainer``, ``ContinualSeq2SeqTrainer``), ``heads`` (global labels, head growth, frozen rows, the cosine
+head), ``evaluation`` (classification and generation, scored by ``evaluate`` metrics shipped in
+``evaluate_metrics/``), ``checkpoint`` (save and resume), ``card`` (the model card), ``hub`` (pushes, hub_strategy),
+``revisions`` (per-task branch names), ``class_statistics`` and ``alignment`` (per-class feature statistics;
+classifier alignment: the math), ``head_alignment`` (the same inside a run: statistics per task, alignment after it,
+their file next to the adapter), ``capacity`` (the memory's fill), ``metrics`` and ``result`` (the accuracy matrix
+and its metrics), ``plots`` (matplotlib, imported only there).
 """
 
 from .alignment import (

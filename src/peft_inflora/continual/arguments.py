@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
-from .alignment import STORAGES
+from .class_statistics import STORAGES
 
 
 SETTINGS = ("class_incremental", "task_incremental", "generation")
