@@ -8,9 +8,10 @@ peft_inflora.ContinualTrainer (per-task heads, loss over the task's classes, old
 * InfLoRA eigen (the paper's design), with the default statistics budget, and with every batch;
 * InfLoRA random (the language-model follow-up's design);
 * InfLoRA + classifier alignment after every task (``classifier_alignment``): the authors' (every row re-trained) and
-  the new task's rows only (the trainer's default for class_incremental), also with every batch read by the
-  statistics; a cosine head while each task trains (``head_logits="cosine"``) + the authors' alignment; sequential
-  LoRA + the new-rows alignment (backbone vs head). Every other method runs with ``classifier_alignment="none"``;
+  the new task's rows only, also with every batch read by the statistics; a cosine head while each task trains
+  (``head_logits="cosine"``) + the authors' alignment (the trainer's default for class_incremental); sequential LoRA
+  with the same heads (new rows; cosine + authors: backbone vs head). Every other method runs with
+  ``classifier_alignment="none"``;
 * sequential LoRA (PEFT LoRA trained task after task: the forgetting baseline);
 * OSF (PEFT's orthogonal subspace fine-tuning), if this PEFT has ``OSFConfig``: after each task the update is merged
   and the weights are decomposed again with a larger preserved rank (50% of the singular directions at task 1, rising
@@ -45,7 +46,8 @@ import _plots  # noqa: E402
 
 METHODS = ["InfLoRA eigen", "InfLoRA + authors' CA", "InfLoRA + new-rows CA", "InfLoRA + cosine head + authors' CA",
            "InfLoRA (all batches) + new-rows CA",
-           "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "sequential LoRA + new-rows CA", "OSF",
+           "InfLoRA eigen (all batches)", "InfLoRA random", "sequential LoRA", "sequential LoRA + new-rows CA",
+           "sequential LoRA + cosine head + authors' CA", "OSF",
            "heads only", "joint LoRA"]
 
 
