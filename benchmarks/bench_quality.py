@@ -53,7 +53,7 @@ METHODS = ["InfLoRA eigen", "InfLoRA + authors' CA", "InfLoRA + new-rows CA", "I
 
 def alignment_of(method: str) -> str:
     """The trainer's ``classifier_alignment`` of a method: ``authors`` / ``new_rows`` where its name says so,
-    else ``none`` (explicitly: the trainer's default for class_incremental is ``new_rows``)."""
+    else ``none`` (explicitly: the trainer's default for class_incremental aligns)."""
     return "authors" if "authors' CA" in method else "new_rows" if "new-rows CA" in method else "none"
 
 
