@@ -1,4 +1,4 @@
-"""Classification heads of a class-incremental sequence: global labels, head growth, frozen old rows.
+"""Classification heads of a class-incremental sequence: global labels, head growth, frozen old rows, the cosine head.
 
 Task ``t`` brings ``C_t`` classes with local labels ``0..C_t-1``; they become the global labels
 ``o_t..o_t+C_t-1`` with ``o_t = C_0 + ... + C_{t-1}`` (task t's classes follow task t-1's). The head, a Linear in
