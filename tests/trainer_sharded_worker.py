@@ -98,8 +98,9 @@ def main(mode: str, out: str) -> None:
                      accelerator_config={"use_configured_state": True})
 
     def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
+        # a linear head aligned by its new rows: the old rows must stay bit for bit (the test checks the freezing)
         return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
-                             weight_decay=0.1, **extra)
+                             weight_decay=0.1, head_logits="linear", **extra)
 
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
