@@ -230,31 +230,39 @@ def iqr(values: list[float]) -> tuple[float, float]:
 
 
 class Timers:
-    """Wraps functions of a module to add up the seconds spent in them (``with Timers(mod, names) as t``)."""
+    """Wraps functions of modules to add up the seconds spent in them (``with Timers([mod, ...], names) as t``): each
+    name is wrapped in every given module that has it (the method calls ``collect_statistics`` from ``model`` and
+    ``design_eigen`` / ``update_memory`` from ``lifecycle``). A name found in none of them is an error."""
 
-    def __init__(self, module: Any, names: list[str]) -> None:
-        self.module, self.names = module, names
+    def __init__(self, modules: Any, names: list[str]) -> None:
+        self.modules = list(modules) if isinstance(modules, (list, tuple)) else [modules]
+        self.names = names
         self.seconds = {n: 0.0 for n in names}
-        self._saved: dict[str, Callable] = {}
+        self._saved: list[tuple[Any, str, Callable]] = []
 
     def __enter__(self) -> "Timers":
         for name in self.names:
-            original = getattr(self.module, name)
-            self._saved[name] = original
+            holders = [m for m in self.modules if hasattr(m, name)]
+            if not holders:
+                raise AttributeError(f"none of {[m.__name__ for m in self.modules]} has {name!r} to time")
+            for module in holders:
+                original = getattr(module, name)
+                self._saved.append((module, name, original))
 
-            def wrapped(*a, __original=original, __name=name, **k):
-                t0 = time.perf_counter()
-                try:
-                    return __original(*a, **k)
-                finally:
-                    self.seconds[__name] += time.perf_counter() - t0
+                def wrapped(*a, __original=original, __name=name, **k):
+                    t0 = time.perf_counter()
+                    try:
+                        return __original(*a, **k)
+                    finally:
+                        self.seconds[__name] += time.perf_counter() - t0
 
-            setattr(self.module, name, wrapped)
+                setattr(module, name, wrapped)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name, original in self._saved.items():
-            setattr(self.module, name, original)
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved.clear()
 
 
 def fmt(x: Optional[float], digits: int = 3) -> str:

@@ -50,7 +50,8 @@ from peft_inflora.continual.alignment import (  # noqa: E402
     align_classifier,
     storage_bytes,
 )
-from peft_inflora.metrics import (  # noqa: E402
+from peft_inflora.continual.heads import find_head  # noqa: E402
+from peft_inflora.continual.metrics import (  # noqa: E402
     average_incremental_accuracy,
     backward_transfer,
     final_accuracy,
@@ -116,7 +117,7 @@ class HeadStudyTrainer(ContinualTrainer):
         self._stats: ClassStatistics | None = None
         self._sampler: GaussianSampler | None = None
         self._generator = torch.Generator().manual_seed(10_000 + seed)
-        head = self._head()[1]
+        head = find_head(self.peft_model)[1]
         self._train_recorder = HeadInputRecorder(head, self._epoch_features)
         self._train_recorder.__enter__()  # records only when set_labels was called (the last epoch's forwards)
         if variant == "cosine":
@@ -128,7 +129,7 @@ class HeadStudyTrainer(ContinualTrainer):
             original = peft_model.base_model.end_task
 
             def end_task(batches, *a, **k):
-                with HeadInputRecorder(self._head()[1], self._endtask_features) as recorder:
+                with HeadInputRecorder(find_head(self.peft_model)[1], self._endtask_features) as recorder:
                     return original(recorder.track(batches), *a, **k)
 
             peft_model.end_task = end_task
@@ -152,7 +153,8 @@ class HeadStudyTrainer(ContinualTrainer):
             features = self._head_input.detach()
             per_class = max(1, math.ceil(labels.numel() / (hi - lo)))
             px, py = self._sampler.sample(per_class, self._generator)
-            calib = self._head()[1](torch.cat([features, px.to(features.device, features.dtype)]))[:, :hi]
+            head = find_head(self.peft_model)[1]
+            calib = head(torch.cat([features, px.to(features.device, features.dtype)]))[:, :hi]
             loss = loss + F.cross_entropy(calib.float(), torch.cat([labels, py.to(labels.device)]))
             return (loss, outputs) if return_outputs else loss
         # old-class pseudo-features as negatives: cross-entropy over every seen class on the real batch and on as
@@ -163,18 +165,24 @@ class HeadStudyTrainer(ContinualTrainer):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         per_class = max(1, math.ceil(labels.numel() / (hi - lo)))
         px, py = self._sampler.sample(per_class, self._generator)
-        head = self._head()[1]
+        head = find_head(self.peft_model)[1]
         plogits = head(px.to(logits.device, logits.dtype))
         all_logits = torch.cat([logits[:, :hi].float(), plogits[:, :hi].float()])
         loss = F.cross_entropy(all_logits, torch.cat([labels, py.to(labels.device)]))
         return (loss, outputs) if return_outputs else loss
 
-    def _evaluate_task(self, task, eval_dataset, seen):
+    def _learn(self, task, train_dataset, eval_dataset, classes):
+        self._task_train = train_dataset  # with global labels: the "full" pass of _record_task reads it
+        return super()._learn(task, train_dataset, eval_dataset, classes)
+
+    def _predict(self, j, references):
+        """The trainer's prediction of task ``j`` in the row after the latest task, with its test features."""
+        seen = len(self.continual_tasks) - 1
         if seen != self._last_seen:
             self._last_seen = seen
             self._record_task(seen)
         test = FeatureList()
-        with HeadInputRecorder(self._head()[1], test) as recorder:
+        with HeadInputRecorder(find_head(self.peft_model)[1], test) as recorder:
             original = self.prediction_step
 
             def step(model, inputs, *a, **k):
@@ -183,16 +191,20 @@ class HeadStudyTrainer(ContinualTrainer):
 
             self.prediction_step = step
             try:
-                accuracy = super()._evaluate_task(task, eval_dataset, seen)
+                output = super()._predict(j, references)
             finally:
                 del self.prediction_step
         self.dumps[seen]["test"].append(test.tensors())
+        return output
+
+    def _score(self, j, seen, output, references):
+        accuracy = super()._score(j, seen, output, references)
         self.dumps[seen]["trainer_accuracy"].append(accuracy)
         return accuracy
 
     def _record_task(self, index: int) -> None:
         """After task ``index``'s end_task: the head, and the three feature sources of its training data."""
-        head = self._head()[1]
+        head = find_head(self.peft_model)[1]
         full = FeatureList()
         with HeadInputRecorder(head, full) as recorder:
             original = self.prediction_step
@@ -204,7 +216,7 @@ class HeadStudyTrainer(ContinualTrainer):
             self.prediction_step = step
             t0 = time.perf_counter()
             try:
-                self.predict(self.train_dataset, metric_key_prefix="features")
+                self.predict(self._task_train, metric_key_prefix="features")
             finally:
                 del self.prediction_step
             full_seconds = time.perf_counter() - t0
@@ -250,7 +262,7 @@ def train_runs(args, tasks, tokenizer) -> None:
 
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = HeadStudyTrainer(model=model, args=Q.training_args(tmp, args.quick, seed),
-                                           task_type="class_incremental", processing_class=tokenizer,
+                                           processing_class=tokenizer,
                                            data_collator=DataCollatorWithPadding(tokenizer), variant=variant,
                                            seed=seed, pseudo_source=args.pseudo_source)
                 t0 = time.perf_counter()
@@ -266,7 +278,8 @@ def train_runs(args, tasks, tokenizer) -> None:
 # ---------------------------------------------------------------------------------------------- offline heads
 def accuracy_row(logits_fn, dump: dict) -> list[float]:
     hi = dump["classes"][1]
-    return [float((logits_fn(x)[:, :hi].argmax(-1) == y).float().mean()) for x, y in dump["test"]]
+    # exact k / N in float64, as the trainer's accuracy metric computes it
+    return [int((logits_fn(x)[:, :hi].argmax(-1) == y).sum()) / len(y) for x, y in dump["test"]]
 
 
 def linear(weight: torch.Tensor, bias: torch.Tensor):
@@ -468,7 +481,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     C.setup(args)
     if args.train:
-        _, _, tokenizer, tasks = C.demo_tasks(args.quick)
+        tokenizer, tasks = C.demo_tasks(args.quick)
         train_runs(args, tasks, tokenizer)
     if args.analyze:
         return analyze(args)

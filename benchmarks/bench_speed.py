@@ -145,10 +145,11 @@ def train_epoch(model, loader, lr: float = 2e-3) -> float:
 
 
 def one_task_timing(template, loader) -> dict:
+    import peft_inflora.lifecycle as L
     import peft_inflora.model as M
 
     model = copy.deepcopy(template)
-    with C.Timers(M, ["collect_statistics", "design_eigen", "update_memory"]) as timers:
+    with C.Timers([M, L], ["collect_statistics", "design_eigen", "update_memory"]) as timers:
         t0 = time.perf_counter()
         model.begin_task(loader, progress=False)
         t_begin = time.perf_counter() - t0

@@ -137,6 +137,7 @@ def peak_child(mode: str, d: int, layers: int, tokens: int, batch: int, out: str
     from peft import get_peft_model
     from safetensors.torch import save_file
 
+    import peft_inflora.lifecycle as L
     import peft_inflora.model as M
     from peft_inflora import InfLoRAConfig
 
@@ -152,7 +153,7 @@ def peak_child(mode: str, d: int, layers: int, tokens: int, batch: int, out: str
     data = [{"x": draw(batch, lam, rot, seed=100 + i)[None]} for i in range(tokens // batch)]
     with torch.no_grad():
         model(**data[0])  # first-call allocations before the baseline
-    timers = C.Timers(M, ["collect_statistics", "design_eigen", "update_memory"])
+    timers = C.Timers([M, L], ["collect_statistics", "design_eigen", "update_memory"])
     with timers, PeakRSS() as peak:
         t0 = time.perf_counter()
         model.begin_task(data, progress=False)
