@@ -167,3 +167,22 @@ def test_several_active_adapters_use_the_factors():
     both = outputs(model, subspace_batches(5, dim=6))
     assert not lin0._past_weight_cache
     torch.testing.assert_close(both, single, atol=1e-5, rtol=1e-5)  # "second" has no task yet: adds nothing
+
+
+def test_a_new_past_tensor_at_a_freed_tensors_address_and_version_is_not_served_from_the_cache():
+    """The cache key holds the past factors themselves: a new tensor that lands at the old one's address with the same
+    version counter (the allocator may reuse a freed block) must rebuild the sum, not reuse the stale one."""
+    model = finished(2, begin_next=False)
+    lin0 = layer(model, "lin0")
+    x = torch.randn(3, D_IN)
+    with torch.no_grad():
+        old = lin0.inflora_past_A["default"]
+        old.mul_(1.0)  # version 1, the version a tensor made by set_() starts with
+        lin0(x)  # builds the cache
+        same_place = torch.empty(0).set_(old.untyped_storage(), old.storage_offset(), old.shape, old.stride())
+        assert same_place.data_ptr() == old.data_ptr() and same_place._version == old._version
+        lin0.inflora_past_A["default"] = same_place  # a different tensor object at the same address ...
+        same_place.data.mul_(2.0)  # ... with other values, written without bumping the version counter
+        assert same_place._version == old._version
+        expected = lin0.base_layer(x) + x @ lin0.inflora_past_B["default"].T @ same_place.T
+        torch.testing.assert_close(lin0(x), expected, atol=1e-5, rtol=1e-5)

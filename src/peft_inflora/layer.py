@@ -70,7 +70,8 @@ class InfLoRALayer(BaseTunerLayer):
         self.r: dict[str, int] = {}
         self.fold: dict[str, str] = {}
         self.cache_past_weight: dict[str, bool] = {}
-        self._past_weight_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # adapter -> (key, W + past_A past_B)
+        # adapter -> (key, W + past_A past_B, (past_A, past_B))
+        self._past_weight_cache: dict[str, tuple[tuple, torch.Tensor, tuple]] = {}
         self.inflora_A = nn.ParameterDict({})
         self.inflora_B = BufferDict({}, persistent=True)
         self.inflora_past_A = BufferDict({}, persistent=True)
@@ -329,15 +330,17 @@ class Linear(nn.Module, InfLoRALayer):
                 or hasattr(base, "_hf_hook") or torch.compiler.is_compiling()):
             return None
         W = base.weight
+        # the tensors themselves are part of the key (and kept alive by it), so a freed tensor's address reused by a
+        # new one with the same version counter can never pass for it
         key = (W.data_ptr(), W._version, W.dtype, W.device, past_A.data_ptr(), past_A._version, past_B.data_ptr(),
                past_B._version)
         cached = self._past_weight_cache.get(adapter)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or cached[2][0] is not past_A or cached[2][1] is not past_B:
             # outside inference mode, so a cache built under torch.inference_mode() can serve a training forward
             with torch.inference_mode(False), torch.no_grad():
                 exact = torch.promote_types(W.dtype, torch.float32)
                 weight = (W.to(exact) + past_A.to(exact) @ past_B.to(exact)).to(W.dtype)
-            self._past_weight_cache[adapter] = cached = (key, weight)
+            self._past_weight_cache[adapter] = cached = (key, weight, (past_A, past_B))
         return cached[1]
 
     def _without_hidden_past(self, result: torch.Tensor, x: torch.Tensor, visible) -> torch.Tensor:
