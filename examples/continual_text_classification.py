@@ -37,7 +37,7 @@ from typing import Optional
 
 import datasets
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, set_seed
 
 import peft_inflora  # noqa: F401  (registers InfLoRA with PEFT)
 from peft_inflora import ContinualTask, ContinualTrainer, ContinualTrainingArguments, InfLoRAConfig, compare_table
@@ -96,6 +96,7 @@ def load_tasks(args, tokenizer, names: Optional[str] = None) -> list[ContinualTa
 def run(method: str, args: DemoArguments, training: ContinualTrainingArguments, model_path: str, tokenizer,
         tasks: list[ContinualTask]):
     num_labels = len(tasks[0].label_names)  # the trainer grows the head task by task
+    set_seed(training.seed)  # the new head's first rows (and LoRA's A) are drawn here: --seed makes the run repeat
     base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
     targets = ["query", "value"]
     if method == "InfLoRA":
