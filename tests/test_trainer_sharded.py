@@ -22,6 +22,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from peft_inflora import ContinualTrainer
+from peft_inflora.continual import sharding
 
 
 HERE = Path(__file__).parent
@@ -117,12 +118,51 @@ def test_model_sharded_with_fsdp2_trains_like_one_process(tmp_path, one_process)
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
-def test_fsdp2_run_killed_after_a_task_resumes_to_the_same_adapter(tmp_path, one_process):
-    _run("fsdp2", tmp_path, STOP_AFTER_TASK="1")  # ends both processes (os._exit) after checkpoint 1
+def test_accelerate_fsdp_settings_are_applied_by_the_trainer_and_train_like_one_process(tmp_path, one_process):
+    """TrainingArguments(fsdp=True): the trainer keeps the plugin out of the Accelerator and shards the model itself
+    with its settings (the auto-wrap policy's blocks, from BERT's _no_split_modules, then the transformers model as
+    the root), leaving A_t and the head whole: the same results as the hand-made FSDP2 wrap."""
+    _run("accelerate_fsdp", tmp_path)
+    _assert_like_one_process(tmp_path, one_process, head_atol=1e-5)
+    for rank in (0, 1):
+        record = _record(tmp_path, rank)
+        assert record["accelerator_fsdp"] is False  # Accelerate never wrapped the PeftModel
+        assert record["fsdp_units"] == ["base_model.model", "base_model.model.bert.embeddings",
+                                        "base_model.model.bert.encoder.layer.0",
+                                        "base_model.model.bert.encoder.layer.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
+def test_accelerate_launch_with_an_fsdp_config_trains_like_one_process(tmp_path, one_process):
+    """`accelerate launch --use_fsdp` (its FSDP settings in FSDP_* variables, cpu_ram_efficient_loading on by
+    default): process 1 starts from other weights, as from_pretrained leaves them there, and the trainer broadcasts
+    process 0's before sharding."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+              str(_free_port()), "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+              "TRANSFORMER_BASED_WRAP", "--fsdp_cpu_ram_efficient_loading", "true",
+              str(HERE / "trainer_sharded_worker.py"), "accelerate_launch", str(tmp_path)]
+    run = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=dict(
+        os.environ, OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
+    assert run.returncode == 0, run.stderr[-4000:]
+    _assert_like_one_process(tmp_path, one_process, head_atol=1e-5)
+    assert _record(tmp_path, 1)["fsdp_units"] == ["base_model.model", "base_model.model.bert.embeddings",
+                                                  "base_model.model.bert.encoder.layer.0",
+                                                  "base_model.model.bert.encoder.layer.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
+@pytest.mark.parametrize("mode", ["fsdp2", "accelerate_fsdp"])
+def test_fsdp2_run_killed_after_a_task_resumes_to_the_same_adapter(tmp_path, one_process, mode):
+    _run(mode, tmp_path, STOP_AFTER_TASK="1")  # ends both processes (os._exit) after checkpoint 1
     continual = tmp_path / "run" / "continual"
     assert (continual / "after-task-01").is_dir() and not (continual / "after-task-02").exists()
     assert not (tmp_path / "result-rank0.json").exists()  # the first run never got past the kill
-    _run("fsdp2", tmp_path, RESUME="1")
+    _run(mode, tmp_path, RESUME="1")
     r0 = load_file(tmp_path / "final-rank0.safetensors")
     single = load_file(one_process / "final-rank0.safetensors")
     for key in single:
@@ -163,7 +203,7 @@ def test_zero3_and_accelerate_fsdp_are_refused_before_training(tmp_path, monkeyp
     model = inflora_bert()
     trainer = ContinualTrainer(model=model, args=training_args(tmp_path / "run"))
     if setting == "accelerate_fsdp":
-        trainer.is_fsdp_enabled, match = True, "Accelerate's FSDP"
+        trainer.is_fsdp_enabled, match = True, "already runs FSDP"
     else:
         trainer.is_deepspeed_enabled, match = True, "ZeRO-3"
         monkeypatch.setattr(type(trainer.accelerator.state), "deepspeed_plugin",
@@ -213,3 +253,45 @@ def test_one_process_failing_at_a_task_boundary_stops_every_process(tmp_path):
             assert not continual.exists()
         else:  # the checkpoint of task 1 is intact
             assert json.loads((continual / "after-task-01" / "progress.json").read_text())["tasks_done"] == 1
+
+
+# ---------------------------------------------------------------------------------------------- Accelerate's FSDP
+@pytest.mark.parametrize("fsdp_config, match", [
+    ({"version": 1}, "FSDP2 only"),
+    ({"activation_checkpointing": True}, "CheckpointWrapper"),
+    ({"cpu_offload": True}, "cpu_offload"),
+])
+def test_fsdp_settings_the_loop_cannot_follow_are_refused_when_the_trainer_is_made(tmp_path, fsdp_config, match):
+    model = inflora_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = training_args(tmp_path / "run", fsdp=True, fsdp_config=fsdp_config)
+    with pytest.raises(ValueError, match=match):
+        ContinualTrainer(model=model, args=args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not sharding.is_fsdp2_sharded(model) and not (tmp_path / "run").exists()
+
+
+def test_accelerate_launch_fsdp_config_is_read_from_the_environment(tmp_path, monkeypatch):
+    """accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP and FSDP_* variables, not the arguments."""
+    args = training_args(tmp_path / "run")
+    assert sharding.fsdp_plugin_from(args) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    plugin = sharding.fsdp_plugin_from(args)
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    monkeypatch.delenv("FSDP_VERSION")  # Accelerate's default is FSDP1
+    with pytest.raises(ValueError, match="FSDP2 only"):
+        ContinualTrainer(model=inflora_bert(), args=args)
+
+
+def test_the_fsdp_request_is_given_back_to_the_arguments_and_environment_when_the_trainer_fails(tmp_path,
+                                                                                              monkeypatch):
+    """One process: the Trainer itself refuses fsdp outside distributed training, after the continual trainer kept
+    the plugin from the Accelerator; the arguments and the environment hold the request again afterwards."""
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    args = training_args(tmp_path / "run", fsdp=True)
+    plugin_args = dict(args.fsdp_plugin_args)
+    with pytest.raises(ValueError, match="distributed training"):
+        ContinualTrainer(model=inflora_bert(), args=args)
+    assert args.fsdp_plugin_args == plugin_args and "ACCELERATE_USE_FSDP" not in os.environ

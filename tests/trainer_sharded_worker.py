@@ -7,6 +7,11 @@ arguments (``ddp_backend="gloo"``), no ``fsdp=`` (Accelerate enables FSDP only o
 wrap shards the head too must be refused (``head_sharded`` in the result), and so must the trained model with the
 Trainer's own mid-task checkpoints (``save_steps``).
 
+MODE ``accelerate_fsdp``: ``TrainingArguments(fsdp=True)``, Accelerate's FSDP2 settings, which the trainer applies
+itself (the blocks of BERT's ``_no_split_modules``, then the root). MODE ``accelerate_launch``: the same settings from
+``accelerate launch --use_fsdp`` (``FSDP_*`` variables); with ``cpu_ram_efficient_loading`` process 1 starts from
+other weights, as ``from_pretrained`` leaves them there.
+
 MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepspeed=<config>)`` (DeepSpeed's CPU
 accelerator, gloo). Accelerate starts DeepSpeed without a communication backend when no GPU is present, so it would
 count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
@@ -37,7 +42,7 @@ from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
 
 
-MODES = ("single", "zero2", "zero3", "fsdp2")
+MODES = ("single", "zero2", "zero3", "fsdp2", "accelerate_fsdp", "accelerate_launch")
 SEQUENCE = (2, 3)
 
 
@@ -89,6 +94,14 @@ def main(mode: str, out: str) -> None:
     if mode.startswith("fsdp2"):
         fsdp2_wrap(model)
         extra = dict(ddp_backend="gloo")
+    elif mode == "accelerate_fsdp":  # Accelerate's settings, applied by the trainer (blocks: _no_split_modules)
+        extra = dict(ddp_backend="gloo", fsdp=True, fsdp_config={"reshard_after_forward": True})
+    elif mode == "accelerate_launch":  # accelerate launch --use_fsdp: the settings come in FSDP_* variables
+        extra = dict(ddp_backend="gloo")
+        if rank != 0 and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true":
+            with torch.no_grad():  # what from_pretrained leaves on the other processes: empty tensors
+                for p in model.parameters():
+                    p.normal_()
     elif mode != "single":
         from accelerate import PartialState
 
@@ -105,6 +118,7 @@ def main(mode: str, out: str) -> None:
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
     trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks)
+    units = sorted(name for name, m in model.named_modules() if type(m).__name__.startswith("FSDP"))
 
     writes: list[str] = []
     real_save_file = peft.peft_model.safe_save_file
@@ -116,7 +130,8 @@ def main(mode: str, out: str) -> None:
     peft.peft_model.safe_save_file = counting_save_file
     try:
         result = trainer.train_continual(tasks(SEQUENCE), resume_from_checkpoint=bool(os.environ.get("RESUME")))
-        record = {"accuracy_matrix": result.accuracy_matrix, "error": None}
+        record = {"accuracy_matrix": result.accuracy_matrix, "error": None, "fsdp_units": units,
+                  "accelerator_fsdp": trainer.is_fsdp_enabled}
     except Exception as err:  # recorded for the test
         record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
                   "task_in_progress": model.task_in_progress()}

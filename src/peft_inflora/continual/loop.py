@@ -50,7 +50,7 @@ from .heads import (
 from .hub import HubMixin, task_revision_names
 from .result import ContinualResult
 from .sequence import SequenceMixin
-from .sharding import check_sharding, is_fsdp2_sharded
+from .sharding import FSDPPluginMixin, check_sharding, is_fsdp2_sharded
 from .task_evaluation import TaskEvaluationMixin
 
 
@@ -72,7 +72,7 @@ class ContinualCallback(TrainerCallback):
         """After ``end_task``, the evaluation of every task seen so far (``result`` has the new row) and the
         checkpoint ``continual/after-task-NN``."""
 
-class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin):
+class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin):
     """The continual loop for any ``transformers.Trainer`` subclass (put it first: ``(ContinualMixin, Trainer)``).
 
     Args:
@@ -109,6 +109,7 @@ class ContinualMixin(SequenceMixin, TaskEvaluationMixin, HeadLossMixin, HubMixin
         if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):
             raise TypeError(f"{type(self).__name__} needs a PeftModel: wrap the model with "
                             "`get_peft_model(model, InfLoRAConfig(...))` first.")
+        self._shard_with_fsdp_plugin()  # fsdp=... asked of Accelerate: the trainer shards the model itself
         if is_fsdp2_sharded(self.peft_model):  # sharded by its owner (fully_shard before the trainer): the
             # Trainer's path for such a model: no DDP wrap, replicated trainables (A_t, head) broadcast + averaged
             self.is_distributed_loading_by_transformers, self.place_model_on_device = True, False

@@ -13,24 +13,38 @@ continual loop replaces stay whole and replicated, and only the frozen base mode
   no DDP wrap, the replicated trainable parameters broadcast from process 0 and their gradients averaged at every
   step, the statistics pass through the FSDP root. The adapter (A_t, memory, head) holds no sharded tensor, so
   process 0 saves it alone.
+* **Accelerate's FSDP** (``TrainingArguments(fsdp=True, fsdp_config=...)`` or ``accelerate launch`` with an FSDP
+  config): :class:`FSDPPluginMixin` takes the plugin away from the Accelerator before it is built and applies the
+  same settings itself (:func:`shard_with_plugin`: the auto-wrap policy's blocks, ``reshard_after_forward``,
+  mixed precision), with the loop's rule, then runs the path above. Accelerate's own
+  ``fsdp2_prepare_model`` would make the ``PeftModel`` the root, shard ``A_t`` and the head, and return at once for
+  every later task, so the next ``A_t`` and the grown head would never be registered. The same code runs on CPU,
+  where Accelerate would have ignored the plugin, and on GPUs.
 * **Refused**: DeepSpeed ZeRO-3 (it partitions ``A_t`` and the head into placeholders outside a forward, which
-  ``begin_task`` / ``end_task`` and the head's growth read and replace), Accelerate's own FSDP (``fsdp=...``: it
-  shards the ``PeftModel`` as the root, ``A_t`` and the head included, once for the whole run), and an FSDP2 wrap
-  that sharded a parameter the loop replaces.
+  ``begin_task`` / ``end_task`` and the head's growth read and replace), FSDP1 (``fsdp_version=1``: flat parameters
+  cannot take a new ``A_t``), FSDP's ``activation_checkpointing`` and ``cpu_offload`` (see
+  :func:`check_fsdp_plugin`), an Accelerator whose state already holds FSDP, and an FSDP2 wrap that sharded a
+  parameter the loop replaces.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, Optional
 
+import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from ..distributed import adapter_parameters
 
 
-__all__ = ["check_sharding", "is_fsdp2_sharded", "replicated_parameters"]
+__all__ = ["FSDPPluginMixin", "check_fsdp_plugin", "check_sharding", "fsdp_plugin_from", "is_fsdp2_sharded",
+           "replicated_parameters", "shard_with_plugin"]
 
 
 def is_fsdp2_sharded(model: nn.Module) -> bool:
@@ -77,13 +91,12 @@ def check_sharding(trainer: Any, model: PeftModel) -> None:
             "gradients. Nothing was trained.")
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
-            "The continual trainers do not run under Accelerate's FSDP (fsdp=... in the training arguments): "
-            "Accelerate shards the PeftModel as the FSDP root once, InfLoRA's A_t and the head included, while every "
-            "task installs a new A_t and grows the head, and the statistics pass calls the model inside the root. "
-            "Shard the model yourself before making the trainer, and leave fsdp unset: `for block in blocks: "
-            "fully_shard(block, ignored_params=ps)`, then `fully_shard(peft_model.base_model.model, "
-            "ignored_params=ps)` with `ps = peft_inflora.continual.sharding.replicated_parameters(peft_model)` (see "
-            "docs/distributed.md). Nothing was trained.")
+            "The Accelerator of this continual trainer already runs FSDP (an Accelerator or AcceleratorState with an "
+            "FSDP plugin was created before the trainer): Accelerate would shard the PeftModel as the FSDP root once, "
+            "InfLoRA's A_t and the head included, while every task installs a new A_t and grows the head. Create no "
+            "Accelerator before the trainer and pass the FSDP settings as TrainingArguments(fsdp=True, "
+            "fsdp_config=...) (or accelerate launch's FSDP config): the trainer then shards the model itself, leaving "
+            "out what the loop replaces (docs/distributed.md). Nothing was trained.")
     if is_fsdp2_sharded(model):
         args = trainer.args
         if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not args.save_only_model:
@@ -97,3 +110,113 @@ def check_sharding(trainer: Any, model: PeftModel) -> None:
                 f"FSDP2 sharded {sharded[:3]}{' ...' if len(sharded) > 3 else ''}, which the continual loop replaces "
                 "at every task (A_t, the growing head): pass ignored_params=peft_inflora.continual.sharding."
                 "replicated_parameters(peft_model) to every fully_shard call. Nothing was trained.")
+
+
+# ---------------------------------------------------------------------------------------------- Accelerate's FSDP
+def fsdp_plugin_from(args: Any) -> Optional[Any]:
+    """The FSDP settings asked of Accelerate, as its ``FullyShardedDataParallelPlugin``: from the training arguments
+    (``fsdp=True, fsdp_config=...``: ``args.fsdp_plugin_args``) or from ``accelerate launch``'s FSDP config
+    (``ACCELERATE_USE_FSDP=true`` and the ``FSDP_*`` variables); ``None`` when neither asks for FSDP. FSDP1 is refused
+    here, before its plugin is built (which already fails on a CPU)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if plugin_args is None and not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return None
+    version = int(plugin_args.get("fsdp_version", 1) if plugin_args is not None
+                  else os.environ.get("FSDP_VERSION", "1"))  # Accelerate's defaults
+    if version != 2:
+        raise ValueError(
+            f"The continual trainers shard with FSDP2 only (fsdp_version={version} given): FSDP1 flattens each "
+            "wrapped module's parameters once, and every task installs a new A_t. Set fsdp_config={'version': 2} "
+            "(transformers' default) in the training arguments, or fsdp_version: 2 in the accelerate config. Nothing "
+            "was changed.")
+    return FullyShardedDataParallelPlugin(**plugin_args) if plugin_args is not None \
+        else FullyShardedDataParallelPlugin()
+
+
+def check_fsdp_plugin(plugin: Any) -> None:
+    """Refuse, before anything changes, the FSDP2 settings the continual loop cannot follow."""
+    if plugin.activation_checkpointing:
+        raise ValueError(
+            "fsdp_config['activation_checkpointing'] wraps every block in a CheckpointWrapper, which renames every "
+            "parameter and buffer under it ('..._checkpoint_wrapped_module...'), so the saved adapter and its "
+            "memory would no longer load into the model: leave it False. Nothing was changed.")
+    if type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy":
+        raise ValueError(
+            "fsdp_config['cpu_offload'] is not run by the continual trainers: the blocks' parameters would live on "
+            "the CPU while the replicated A_t, the head and the task statistics stay on the accelerator, a "
+            "combination never tested here. Leave cpu_offload False. Nothing was changed.")
+
+
+def shard_with_plugin(peft_model: PeftModel, plugin: Any, device: torch.device, mixed_precision: str = "no") -> None:
+    """Apply ``plugin``'s FSDP2 settings to ``peft_model`` as Accelerate's ``fsdp2_prepare_model`` would, with the
+    continual loop's rule: ``fully_shard`` every block the auto-wrap policy picks (bottom-up), then the transformers
+    model ``peft_model.base_model.model`` as the root (the model ``begin_task``'s statistics pass calls), each with
+    ``ignored_params=replicated_parameters(peft_model)``, ``reshard_after_forward`` and the mixed precision policy
+    (the model moves to ``device`` whole first, as the Trainer moves an unsharded model). PEFT's own modules
+    (InfLoRA layers, the ``modules_to_save`` head) are never units. With ``cpu_ram_efficient_loading``
+    (``accelerate launch``'s default) ``from_pretrained`` read the weights on process 0 only and left the other
+    processes' tensors uninitialised: every parameter and buffer is broadcast from process 0 first, as Accelerate's
+    own preparation would (whole tensors here, not shard by shard)."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy, get_module_children_bottom_up
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    root = peft_model.base_model.model
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    plugin.set_auto_wrap_policy(root)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, root)
+    peft_model.to(device)
+    if plugin.cpu_ram_efficient_loading:
+        with torch.no_grad():
+            for tensor in list(peft_model.parameters()) + list(peft_model.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
+    kwargs = dict(reshard_after_forward=plugin.reshard_after_forward,
+                  mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+                  ignored_params=replicated_parameters(peft_model),
+                  mesh=init_device_mesh(device.type, (torch.distributed.get_world_size(),)))
+    if policy is not None:
+        for module in get_module_children_bottom_up(root)[:-1]:
+            if isinstance(module, (FSDPModule, BaseTunerLayer, ModulesToSaveWrapper)) or not policy(module):
+                continue
+            fully_shard(module, **kwargs)
+    fully_shard(root, **kwargs)
+
+
+@contextlib.contextmanager
+def _without_fsdp_request(args: Any) -> Iterator[None]:
+    saved_args, saved_env = args.fsdp_plugin_args, os.environ.get("ACCELERATE_USE_FSDP")
+    args.fsdp_plugin_args = None
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        args.fsdp_plugin_args = saved_args
+        if saved_env is None:
+            os.environ.pop("ACCELERATE_USE_FSDP", None)
+        else:
+            os.environ["ACCELERATE_USE_FSDP"] = saved_env
+
+
+class FSDPPluginMixin:
+    """Accelerate's FSDP for the continual trainers: the plugin the arguments ask for is checked and kept out of the
+    Accelerator (:meth:`create_accelerator_and_postprocess`, the Trainer's hook), and the trainer applies it
+    itself once the model is known (:meth:`_shard_with_fsdp_plugin`, called by the loop's ``__init__``)."""
+
+    _fsdp_plugin: Optional[Any] = None
+
+    def create_accelerator_and_postprocess(self) -> None:
+        plugin = fsdp_plugin_from(self.args)
+        if plugin is None:
+            return super().create_accelerator_and_postprocess()
+        check_fsdp_plugin(plugin)
+        self._fsdp_plugin = plugin
+        with _without_fsdp_request(self.args):
+            super().create_accelerator_and_postprocess()
+
+    def _shard_with_fsdp_plugin(self) -> None:
+        if self._fsdp_plugin is None or is_fsdp2_sharded(self.peft_model):
+            return
+        shard_with_plugin(self.peft_model, self._fsdp_plugin, self.args.device, self.accelerator.mixed_precision)
