@@ -256,6 +256,40 @@ def test_one_process_failing_at_a_task_boundary_stops_every_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Accelerate's FSDP
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("fsdp2") is not None or _missing("bitsandbytes") is not None,
+                    reason=str(_missing("fsdp2") or _missing("bitsandbytes")))
+def test_a_4bit_base_sharded_with_the_fsdp_plugin_keeps_its_packed_weights_whole_and_learns_a_task(tmp_path):
+    """QLoRA-style FSDP: the packed uint8 4-bit weights stay whole (their quant_state would not survive the DTensor
+    conversion), the rest is sharded; the logits do not change through the sharding, and both processes learn the
+    same task bit for bit (designs and memory from all-reduced statistics, A_t from averaged gradients)."""
+    import transformers
+
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)).save_pretrained(folder)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "quantized_fsdp_worker.py"),
+                          str(folder), str(tmp_path)], capture_output=True, text=True, timeout=300, env=dict(
+        os.environ, OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
+    assert run.returncode == 0, run.stderr[-4000:]
+    records = [json.loads((tmp_path / f"record-rank{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        assert record["four_bit_weight"] == "Params4bit"  # not a DTensor
+        assert record["logits_change"] == 0.0
+        assert record["units"] == ["base_model.model", "base_model.model.model.layers.0",
+                                   "base_model.model.model.layers.1"]
+        assert record["tasks_done"] == 1
+    r0, r1 = (load_file(tmp_path / f"adapter-rank{rank}.safetensors") for rank in (0, 1))
+    assert r0.keys() == r1.keys() and any("inflora_memory" in k for k in r0)
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+
+
 @pytest.mark.parametrize("fsdp_config, match", [
     ({"version": 1}, "FSDP2 only"),
     ({"activation_checkpointing": True}, "CheckpointWrapper"),

@@ -175,7 +175,7 @@ def shard_with_plugin(peft_model: PeftModel, plugin: Any, device: torch.device, 
                 torch.distributed.broadcast(tensor.data, src=0)
     kwargs = dict(reshard_after_forward=plugin.reshard_after_forward,
                   mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
-                  ignored_params=replicated_parameters(peft_model),
+                  ignored_params=replicated_parameters(peft_model) | _packed_quantized_parameters(root),
                   mesh=init_device_mesh(device.type, (torch.distributed.get_world_size(),)))
     if policy is not None:
         for module in get_module_children_bottom_up(root)[:-1]:
@@ -183,6 +183,14 @@ def shard_with_plugin(peft_model: PeftModel, plugin: Any, device: torch.device, 
                 continue
             fully_shard(module, **kwargs)
     fully_shard(root, **kwargs)
+
+
+def _packed_quantized_parameters(model: nn.Module) -> set[nn.Parameter]:
+    """bitsandbytes 4-bit weights in integer storage (``Params4bit``, ``bnb_4bit_quant_storage=torch.uint8``, the
+    default): left whole, as Accelerate's ``fsdp2_prepare_model`` leaves them, since their ``quant_state`` does not
+    survive the DTensor conversion. With a floating ``bnb_4bit_quant_storage`` they are sharded."""
+    return {p for p in model.parameters() if type(p).__name__ == "Params4bit" and not p.requires_grad
+            and not p.is_floating_point() and not p.is_complex()}
 
 
 @contextlib.contextmanager
