@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 import torch
 from safetensors.torch import save_file
@@ -35,6 +36,7 @@ import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 
 from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
+from peft_inflora.continual.zero3 import gathered  # noqa: E402
 
 
 MODES = ("single", "zero2", "zero3", "fsdp2")
@@ -42,9 +44,33 @@ SEQUENCE = (2, 3)
 
 
 def deepspeed_config(stage: int) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:  # partition every parameter, however small (by default those under 1e5 elements stay whole)
+        zero["stage3_param_persistence_threshold"] = 0
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
+
+
+class PartitionProbe(ContinualCallback):
+    """ZeRO-3: after the first optimizer step of every task, what each process holds of an ``A_t``, the head and a
+    base weight (``ds_status``, the local data's size, the whole size, the size of this process's slice)."""
+
+    def __init__(self, trainer_ref: list) -> None:
+        self.trainer_ref, self.records = trainer_ref, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step != 0:  # the step counter is raised after this event: 0 during the first step
+            return
+        model = self.trainer_ref[0].peft_model
+        layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+        head = model.base_model.model.classifier.modules_to_save["default"]
+        self.records.append({name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
+                                    "whole": getattr(p, "ds_numel", None),
+                                    "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None
+                                    else None}
+                             for name, p in (("A_t", layer.inflora_A["default"]), ("head", head.weight),
+                                             ("base", layer.base_layer.weight))})
 
 
 class StopAfter(ContinualCallback):
@@ -104,7 +130,10 @@ def main(mode: str, out: str) -> None:
 
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
-    trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks)
+    trainer_ref: list = []
+    probe = PartitionProbe(trainer_ref) if mode == "zero3" else None
+    trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks + ([probe] if probe else []))
+    trainer_ref.append(trainer)
 
     writes: list[str] = []
     real_save_file = peft.peft_model.safe_save_file
@@ -118,10 +147,13 @@ def main(mode: str, out: str) -> None:
         result = trainer.train_continual(tasks(SEQUENCE), resume_from_checkpoint=bool(os.environ.get("RESUME")))
         record = {"accuracy_matrix": result.accuracy_matrix, "error": None}
     except Exception as err:  # recorded for the test
+        traceback.print_exc()
         record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
                   "task_in_progress": model.task_in_progress()}
     finally:
         peft.peft_model.safe_save_file = real_save_file
+    if probe is not None:
+        record["partitioned"] = probe.records
     if mode == "fsdp2":  # a wrap that shards the head too: refused before anything changes
         other = inflora_bert(statistics_max_tokens=None)
         fsdp2_wrap(other, ignore_head=False)
@@ -143,8 +175,9 @@ def main(mode: str, out: str) -> None:
         json.dump(record, f)
     with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
         json.dump(writes, f)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if "inflora" in k or "classifier" in k}
+    with gathered(model.parameters()):  # ZeRO-3: whole tensors (a no-op in the other modes)
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+                 if "inflora" in k or "classifier" in k}
     save_file(state, os.path.join(out, f"final-rank{rank}.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -67,14 +67,6 @@ def check_sharding(trainer: Any, model: PeftModel) -> None:
     method) in the generation setting replaces no parameter, so nothing is refused for it."""
     if not trainer.is_inflora and trainer.args.setting == "generation":
         return
-    if getattr(trainer, "is_deepspeed_enabled", False) and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError(
-            "The continual trainers do not run under DeepSpeed ZeRO-3: ZeRO-3 partitions every parameter, InfLoRA's "
-            "A_t and the classification head included, and keeps only a placeholder outside a forward, while every "
-            "task boundary reads and replaces them (begin_task installs a new A_t, end_task folds it into the "
-            "finished tasks, the head grows by the task's classes). Set \"zero_optimization\": {\"stage\": 2} (or 1) "
-            "in the DeepSpeed config: ZeRO-1/2 keep the parameters whole and shard the optimizer state and "
-            "gradients. Nothing was trained.")
     if getattr(trainer, "is_fsdp_enabled", False):
         raise ValueError(
             "The continual trainers do not run under Accelerate's FSDP (fsdp=... in the training arguments): "
