@@ -150,6 +150,7 @@ def _assert_partitioned(record: dict) -> None:
     ZeRO-3 placeholders on this process (no local data, half of the elements in its slice)."""
     probes = record["partitioned"]
     assert len(probes) == len(SEQUENCE), probes
+    assert probes[0]["hooks"] > 0 and all(p["hooks"] == probes[0]["hooks"] for p in probes), probes  # not doubled
     for probe in probes:
         for name in ("A_t", "head", "base"):
             held = probe[name]

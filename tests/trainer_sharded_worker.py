@@ -8,8 +8,10 @@ wrap shards the head too must be refused (``head_sharded`` in the result), and s
 Trainer's own mid-task checkpoints (``save_steps``).
 
 MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepspeed=<config>)`` (DeepSpeed's CPU
-accelerator, gloo). Accelerate starts DeepSpeed without a communication backend when no GPU is present, so it would
-count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
+accelerator, gloo; ZeRO-3 with ``stage3_param_persistence_threshold: 0``, so every parameter is partitioned, and a
+probe recording what each process holds of ``A_t``, the head and a base weight after the first step of each task:
+``partitioned`` in the result). Accelerate starts DeepSpeed without a communication backend when no GPU is
+present, so it would count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
 ``ACCELERATE_USE_DEEPSPEED=true`` (what ``accelerate launch --use_deepspeed`` sets), and the Trainer uses it
 (``accelerator_config={"use_configured_state": True}``). The DeepSpeed config holds the optimizer, so the Trainer's
 optimizer is Accelerate's ``DummyOptim``.
@@ -65,12 +67,14 @@ class PartitionProbe(ContinualCallback):
         model = self.trainer_ref[0].peft_model
         layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
         head = model.base_model.model.classifier.modules_to_save["default"]
-        self.records.append({name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
-                                    "whole": getattr(p, "ds_numel", None),
-                                    "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None
-                                    else None}
-                             for name, p in (("A_t", layer.inflora_A["default"]), ("head", head.weight),
-                                             ("base", layer.base_layer.weight))})
+        record = {name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
+                         "whole": getattr(p, "ds_numel", None),
+                         "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else None}
+                  for name, p in (("A_t", layer.inflora_A["default"]), ("head", head.weight),
+                                  ("base", layer.base_layer.weight))}
+        # the engine's module hooks on a base layer: the same count in every task (the last engine's went)
+        record["hooks"] = len(layer.base_layer._forward_pre_hooks) + len(layer.base_layer._forward_hooks)
+        self.records.append(record)
 
 
 class StopAfter(ContinualCallback):
