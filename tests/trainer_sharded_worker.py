@@ -13,8 +13,10 @@ itself (the blocks of BERT's ``_no_split_modules``, then the root). MODE ``accel
 other weights, as ``from_pretrained`` leaves them there.
 
 MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepspeed=<config>)`` (DeepSpeed's CPU
-accelerator, gloo). Accelerate starts DeepSpeed without a communication backend when no GPU is present, so it would
-count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
+accelerator, gloo; ZeRO-3 with ``stage3_param_persistence_threshold: 0``, so every parameter is partitioned, and a
+probe recording what each process holds of ``A_t``, the head and a base weight after the first step of each task:
+``partitioned`` in the result). Accelerate starts DeepSpeed without a communication backend when no GPU is
+present, so it would count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
 ``ACCELERATE_USE_DEEPSPEED=true`` (what ``accelerate launch --use_deepspeed`` sets), and the Trainer uses it
 (``accelerator_config={"use_configured_state": True}``). The DeepSpeed config holds the optimizer, so the Trainer's
 optimizer is Accelerate's ``DummyOptim``.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +43,7 @@ import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 
 from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
+from peft_inflora.continual.zero3 import gathered  # noqa: E402
 
 
 MODES = ("single", "zero2", "zero3", "fsdp2", "accelerate_fsdp", "accelerate_launch")
@@ -47,9 +51,35 @@ SEQUENCE = (2, 3)
 
 
 def deepspeed_config(stage: int) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:  # partition every parameter, however small (by default those under 1e5 elements stay whole)
+        zero["stage3_param_persistence_threshold"] = 0
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": stage},
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
+
+
+class PartitionProbe(ContinualCallback):
+    """ZeRO-3: after the first optimizer step of every task, what each process holds of an ``A_t``, the head and a
+    base weight (``ds_status``, the local data's size, the whole size, the size of this process's slice)."""
+
+    def __init__(self, trainer_ref: list) -> None:
+        self.trainer_ref, self.records = trainer_ref, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step != 0:  # the step counter is raised after this event: 0 during the first step
+            return
+        model = self.trainer_ref[0].peft_model
+        layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+        head = model.base_model.model.classifier.modules_to_save["default"]
+        record = {name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
+                         "whole": getattr(p, "ds_numel", None),
+                         "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else None}
+                  for name, p in (("A_t", layer.inflora_A["default"]), ("head", head.weight),
+                                  ("base", layer.base_layer.weight))}
+        # the engine's module hooks on a base layer: the same count in every task (the last engine's went)
+        record["hooks"] = len(layer.base_layer._forward_pre_hooks) + len(layer.base_layer._forward_hooks)
+        self.records.append(record)
 
 
 class StopAfter(ContinualCallback):
@@ -117,7 +147,10 @@ def main(mode: str, out: str) -> None:
 
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
-    trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks)
+    trainer_ref: list = []
+    probe = PartitionProbe(trainer_ref) if mode == "zero3" else None
+    trainer = ContinualTrainer(model=model, args=args, callbacks=callbacks + ([probe] if probe else []))
+    trainer_ref.append(trainer)
     units = sorted(name for name, m in model.named_modules() if type(m).__name__.startswith("FSDP"))
 
     writes: list[str] = []
@@ -133,10 +166,13 @@ def main(mode: str, out: str) -> None:
         record = {"accuracy_matrix": result.accuracy_matrix, "error": None, "fsdp_units": units,
                   "accelerator_fsdp": trainer.is_fsdp_enabled}
     except Exception as err:  # recorded for the test
+        traceback.print_exc()
         record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
                   "task_in_progress": model.task_in_progress()}
     finally:
         peft.peft_model.safe_save_file = real_save_file
+    if probe is not None:
+        record["partitioned"] = probe.records
     if mode == "fsdp2":  # a wrap that shards the head too: refused before anything changes
         other = inflora_bert(statistics_max_tokens=None)
         fsdp2_wrap(other, ignore_head=False)
@@ -158,8 +194,9 @@ def main(mode: str, out: str) -> None:
         json.dump(record, f)
     with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
         json.dump(writes, f)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if "inflora" in k or "classifier" in k}
+    with gathered(model.parameters()):  # ZeRO-3: whole tensors (a no-op in the other modes)
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+                 if "inflora" in k or "classifier" in k}
     save_file(state, os.path.join(out, f"final-rank{rank}.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

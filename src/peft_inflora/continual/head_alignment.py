@@ -34,6 +34,7 @@ from .alignment import (
     align_classifier,
     collect_class_statistics,
 )
+from .zero3 import gathered
 
 
 CLASS_STATISTICS_FILE = "class_statistics.safetensors"
@@ -160,7 +161,11 @@ class HeadAlignment:
         self.statistics.add_task(accumulator, task_index)
         if len(set(self.statistics.tasks.tolist())) < 2:
             return  # the authors align from the second task on: one task's rows have nothing to be aligned with
-        self.last_losses = align_classifier(
+        with gathered([head.weight, head.bias], modify=True):  # ZeRO-3: read and rewrite the whole head
+            self.last_losses = self._align(head, task_index)
+
+    def _align(self, head: nn.Linear, task_index: int) -> list[float]:
+        return align_classifier(
             head, self.statistics, epochs=self.args.alignment_epochs,
             samples_per_class=self.args.alignment_samples_per_class, lr=self.args.alignment_lr,
             mean_decay=self.args.alignment_decay(), logit_temperature=self.args.alignment_logit_temperature,

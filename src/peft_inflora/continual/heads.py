@@ -19,6 +19,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .arguments import ContinualTask
+from .zero3 import gathered
 
 
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
@@ -138,12 +139,13 @@ def ensure_head_size(model: PeftModel, num_classes: int, seed: int = 0) -> None:
     wrapper, head = find_head(model)
     if head.out_features >= num_classes:
         return
-    for key in list(wrapper.modules_to_save.keys()):
-        module = wrapper.modules_to_save[key]
-        if isinstance(module, nn.Linear):
-            wrapper.modules_to_save[key] = grow_linear(module, num_classes, seed)
-    if isinstance(wrapper.original_module, nn.Linear):
-        wrapper.original_module = grow_linear(wrapper.original_module, num_classes, seed)
+    with gathered(wrapper.parameters()):  # ZeRO-3: the old rows whole (the grown copies are new parameters)
+        for key in list(wrapper.modules_to_save.keys()):
+            module = wrapper.modules_to_save[key]
+            if isinstance(module, nn.Linear):
+                wrapper.modules_to_save[key] = grow_linear(module, num_classes, seed)
+        if isinstance(wrapper.original_module, nn.Linear):
+            wrapper.original_module = grow_linear(wrapper.original_module, num_classes, seed)
     model.config.num_labels = num_classes
     for module in model.modules():  # transformers heads keep their own copy for the loss
         if isinstance(getattr(module, "num_labels", None), int) and module is not model:
@@ -192,12 +194,17 @@ class FrozenHeadRows:
         _, self.head = find_head(model)
         self.frozen = torch.ones(self.head.out_features, dtype=torch.bool, device=self.head.weight.device)
         self.frozen[classes[0]: classes[1]] = False
-        self.weight = self.head.weight.detach().clone()
-        self.bias = self.head.bias.detach().clone() if self.head.bias is not None else None
+        with gathered(self._params()):  # ZeRO-3: the whole rows
+            self.weight = self.head.weight.detach().clone()
+            self.bias = self.head.bias.detach().clone() if self.head.bias is not None else None
+
+    def _params(self) -> list[nn.Parameter]:
+        return [self.head.weight] + ([self.head.bias] if self.head.bias is not None else [])
 
     def restore(self, *unused: Any) -> None:
-        """Write the snapshot back into the frozen rows (after every optimizer step: see :class:`HeadLossMixin`)."""
-        with torch.no_grad():
+        """Write the snapshot back into the frozen rows (after every optimizer step: see :class:`HeadLossMixin`).
+        Under ZeRO-3 every process calls it (a gather, then each process keeps its slice of the restored rows)."""
+        with gathered(self._params(), modify=True), torch.no_grad():
             self.head.weight[self.frozen] = self.weight[self.frozen]
             if self.bias is not None:
                 self.head.bias[self.frozen] = self.bias[self.frozen]

@@ -8,9 +8,9 @@ loop is never copied: the mixin overrides ``compute_loss`` (classification: the 
 callback restores the old head rows bit for bit after every optimizer step: :class:`~.heads.HeadLossMixin`);
 ``_get_output_dir`` (the Trainer's own checkpoints of task ``t`` go to ``output_dir/continual/task-NN-<name>``, while
 ``args.output_dir`` stays the same for every callback); ``train``; and the Hub methods (:class:`~.hub.HubMixin`).
-Sharding wrappers: :mod:`~.sharding`. With several processes the local steps of a task boundary (checks and data
-preparation, scoring the evaluation, writing the checkpoint) end in ``peft_inflora.distributed.agree``: when one
-process fails there, every process raises.
+Sharding wrappers: :mod:`~.sharding` (and DeepSpeed ZeRO-3's whole-parameter steps: :mod:`~.zero3`). With several
+processes the local steps of a task boundary (checks and data preparation, scoring the evaluation, writing the
+checkpoint) end in ``peft_inflora.distributed.agree``: when one process fails there, every process raises.
 
 ``class MyTrainer(ContinualMixin, SomeTrainer)`` makes any ``Trainer`` subclass continual, with arguments of a class
 ``(ContinualArguments, SomeTrainingArguments)``.
@@ -52,6 +52,7 @@ from .result import ContinualResult
 from .sequence import SequenceMixin
 from .sharding import FSDPPluginMixin, check_sharding, is_fsdp2_sharded
 from .task_evaluation import TaskEvaluationMixin
+from .zero3 import adapter_file_parameters, gathered, take_whole_adapter
 
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
@@ -334,6 +335,7 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
             train_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             if self.is_inflora:
+                take_whole_adapter(peft_model)  # ZeRO-3: end_task reads and folds whole A_t (no-op otherwise)
                 peft_model.end_task(self.get_train_dataloader(), progress=show)
             statistics_seconds += time.perf_counter() - t0
             if classes is not None and self._head_alignment.enabled:
@@ -368,7 +370,9 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
             # FSDP2 leaves the root unsharded after the evaluation's forwards, and state_dict() reshards it on the
             # saving process only: reshard everywhere first, or the next forward's all-gathers differ between processes
             reshard_fsdp_modules(peft_model)
-            with agree(f"checkpoint after task {index + 1}"):  # process 0 writes; a failed write stops every process
+            # process 0 writes; a failed write stops every process. ZeRO-3: the adapter whole on every process
+            # meanwhile (a collective, so outside the local step)
+            with gathered(adapter_file_parameters(peft_model)), agree(f"checkpoint after task {index + 1}"):
                 if self.args.should_save:
                     save_after_task(peft_model, result, self.args.output_dir, names,
                                     self._class_ranges if classes is not None else None, self.args.to_json_string(),
