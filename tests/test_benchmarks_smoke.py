@@ -56,6 +56,25 @@ def test_bench_solver_quick(tmp_path):
     assert (tmp_path / "solver_quick.json").is_file()
 
 
+def test_bench_gpu_quick_on_cpu(tmp_path):
+    """The prepared GPU script in its smoke mode on the CPU: every phase runs and writes finite figures."""
+    result = load("gpu").main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    steps = result["steps"]
+    assert steps["task 10"]["past_rank"] == 72  # nine finished tasks of r = 8 behind task 10
+    for task in ("task 1", "task 10"):
+        assert 0 < steps[task]["ratio"] < 100 and steps[task]["pairs"] == 3
+    assert result["statistics"]["ratio"] > 0
+    assert [row["d_in"] for row in result["solver"]] == [64, 128]
+    assert all(row["randomized_min_cos_vs_eigh"] > 1 - 1e-6 for row in result["solver"])
+    assert result["skipped"] == [] and (tmp_path / "gpu_quick.md").is_file()
+
+
+def test_bench_gpu_skips_the_phases_its_budget_cannot_hold(tmp_path):
+    result = load("gpu").main(["--quick", "--device", "cpu", "--budget_s", "0.001", "--out", str(tmp_path)])
+    assert not result["steps"] and not result["solver"] and len(result["skipped"]) == 4
+    assert "budget" in json.loads((tmp_path / "gpu_quick.json").read_text())["skipped"][0]
+
+
 def test_bench_memory_quick(tmp_path):
     result = load("memory").main(["--quick", "--out", str(tmp_path)])
     assert set(result["peak_memory"]) >= {"lora_step", "begin_task_auto", "end_task_full"}
