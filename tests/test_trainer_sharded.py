@@ -215,6 +215,25 @@ def test_deepspeed_zero3_trainer_like_one_process(tmp_path, one_process):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
+def test_deepspeed_zero3_with_the_default_cosine_head_and_alignment_like_one_process(tmp_path):
+    """The class-incremental default (cosine logits while a task trains, every head row re-fitted after it): the
+    cosine hook and the alignment read the partitioned head inside the gathers. Measured: at most 1.1e-7 from one
+    process (past_A), head 2.4e-7; both ranks bit-identical."""
+    single = tmp_path / "single"
+    _run("single", single, processes=1, HEAD_LOGITS="auto")
+    _run("zero3", tmp_path, HEAD_LOGITS="auto")
+    r0, r1 = load_file(tmp_path / "final-rank0.safetensors"), load_file(tmp_path / "final-rank1.safetensors")
+    one = load_file(single / "final-rank0.safetensors")
+    assert r0.keys() == r1.keys() == one.keys()
+    for key in one:
+        assert torch.equal(r0[key], r1[key]), key
+        torch.testing.assert_close(r0[key], one[key], atol=1e-5, rtol=0, msg=key)
+    assert _record(tmp_path, 0)["accuracy_matrix"] == _record(single, 0)["accuracy_matrix"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
 def test_deepspeed_zero3_run_killed_after_a_task_resumes_to_the_same_adapter(tmp_path, one_process):
     _run("zero3", tmp_path, STOP_AFTER_TASK="1")  # ends both processes (os._exit) after checkpoint 1
     continual = tmp_path / "run" / "continual"

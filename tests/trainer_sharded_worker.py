@@ -24,7 +24,9 @@ optimizer is Accelerate's ``DummyOptim``.
 Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
 (every InfLoRA and head tensor), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
 ``output_dir`` in ``OUT/run``. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
-checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``.
+checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``HEAD_LOGITS``
+sets ``head_logits`` (default ``"linear"``: a linear head aligned by its new rows, whose old rows must stay bit for
+bit; ``"auto"`` is the class-incremental default, a cosine head with every row re-fitted).
 """
 
 from __future__ import annotations
@@ -141,9 +143,8 @@ def main(mode: str, out: str) -> None:
                      accelerator_config={"use_configured_state": True})
 
     def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
-        # a linear head aligned by its new rows: the old rows must stay bit for bit (the test checks the freezing)
         return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
-                             weight_decay=0.1, head_logits="linear", **extra)
+                             weight_decay=0.1, head_logits=os.environ.get("HEAD_LOGITS", "linear"), **extra)
 
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
