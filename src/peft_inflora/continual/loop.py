@@ -29,6 +29,7 @@ from transformers.trainer_utils import set_seed
 
 from ..distributed import agree, reshard_fsdp_modules
 from ..errors import DistributedStepError
+from . import zero3
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
 from .card import CardLocation
@@ -330,6 +331,7 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
             self._call_task_event("on_task_begin", task=task, task_index=index)
             self.optimizer, self.lr_scheduler = None, None
             self.model_wrapped = self.model  # re-wrap (DDP) around this task's new A_t
+            zero3.forget_engine_hooks(peft_model)  # ZeRO-3: the new engine binds its own backward hooks
             t0 = time.perf_counter()
             self._last_train_output = self.train()
             train_seconds = time.perf_counter() - t0

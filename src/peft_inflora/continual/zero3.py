@@ -15,7 +15,10 @@ as in training. What the loop itself reads or writes whole goes through the help
   computed the same values);
 * :func:`take_whole_adapter`: before ``end_task``, every partitioned ``A_t`` is replaced by a whole copy (its
   gathered values, bit for bit) and dropped from the engine's external parameters, so ``end_task`` (its checks, its
-  statistics pass, the fold) runs on ordinary tensors, as under ZeRO-1/2.
+  statistics pass, the fold) runs on ordinary tensors, as under ZeRO-1/2;
+* :func:`forget_engine_hooks`: before each task's ``train()``, the modules drop the backward-hook functions the last
+  engine left on them, so the new engine binds its own (DeepSpeed reuses any it finds, bound to the destroyed
+  engine).
 
 Every helper is a no-op without a partitioned parameter (no DeepSpeed import, nothing communicated), so the DDP,
 FSDP2 and ZeRO-1/2 paths are untouched. They are collectives under ZeRO-3: every process calls them with the same
@@ -33,7 +36,12 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 
-__all__ = ["adapter_file_parameters", "gathered", "head_parameters", "is_partitioned", "take_whole_adapter"]
+__all__ = ["adapter_file_parameters", "forget_engine_hooks", "gathered", "head_parameters", "is_partitioned",
+           "take_whole_adapter"]
+
+# what a ZeRO-3 engine leaves on every module it registered (``DeepSpeedZeRoOffload._register_deepspeed_module``):
+# the autograd functions of its backward hooks, which close over that engine, and their reference count
+ENGINE_BACKWARD_ATTRIBUTES = ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt")
 
 
 def is_partitioned(param: Any) -> bool:
@@ -104,3 +112,29 @@ def take_whole_adapter(model: PeftModel) -> int:
     for (layer, adapter, _), copy in zip(entries, copies):
         layer.inflora_A[adapter] = copy
     return len(entries)
+
+
+def forget_engine_hooks(model: nn.Module) -> int:
+    """Before a task's ``train()`` builds a new ZeRO-3 engine: delete the backward-hook functions the last engine left
+    on ``model``'s modules (:data:`ENGINE_BACKWARD_ATTRIBUTES`). Returns how many modules held them (0 without ZeRO-3:
+    nothing to do).
+
+    Why: DeepSpeed registers a module's backward hooks as autograd functions stored on the module
+    (``module.pre_bwd_fn`` / ``module.post_bwd_fn``) and only creates them when the module has none. The Trainer
+    destroys the last task's engine and builds a new one, whose forward hooks then find the old functions: the
+    backward fetched and released parameters through the destroyed engine's coordinator, while the forward used the
+    new one's. With non-reentrant activation checkpointing (transformers' default, and what TRL's SFTTrainer runs
+    under ZeRO-3 with transformers 5: TRL's ``use_reentrant=True`` lands on the deprecated alias), the second task's
+    first backward recomputed its layers with placeholders (``CheckpointError: Recomputed values for the following
+    tensors have different metadata than during the forward pass``: shape ``[0]`` instead of ``[32, 32]``).
+
+    Call it only after every forward of the last engine (the statistics pass of ``begin_task``) and before the next
+    ``train()``: that engine's forward hooks read these attributes, and are removed by ``train()`` before the new
+    engine registers its own."""
+    held = 0
+    for module in model.modules():
+        found = [name for name in ENGINE_BACKWARD_ATTRIBUTES if name in module.__dict__]
+        held += bool(found)
+        for name in found:
+            delattr(module, name)
+    return held
