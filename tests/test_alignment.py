@@ -59,6 +59,21 @@ def stats_for(storage, rank=None, seed=0):
     return stats
 
 
+@pytest.mark.parametrize("storage,rank", [("full", None), ("shared", None), ("lowrank", 2)])
+def test_with_task_extends_a_copy_and_leaves_the_statistics_as_they_were(storage, rank):
+    """What the trainer's alignment step relies on (compute, agree, commit): a failure, or another process's, after
+    with_task changed nothing."""
+    stats = stats_for(storage, rank)
+    before = {k: v.clone() for k, v in stats.state_dict().items()}
+    acc = ClassFeatureAccumulator(6)
+    acc.update(*random_features(classes=(5, 6), seed=7))
+    extended = stats.with_task(acc, 2)
+    assert all(torch.equal(before[k], v) for k, v in stats.state_dict().items())  # untouched, scatter included
+    assert len(stats) == 5 and len(extended) == 7 and extended.tasks.tolist() == [0, 0, 0, 1, 1, 2, 2]
+    stats.add_task(acc, 2)  # the same as adding in place
+    assert all(torch.equal(stats.state_dict()[k], v) for k, v in extended.state_dict().items())
+
+
 def test_shared_storage_is_the_pooled_within_class_covariance():
     stats = stats_for("shared")
     xs = [random_features(classes=(0, 1, 2), seed=0), random_features(classes=(3, 4), seed=1)]

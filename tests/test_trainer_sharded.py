@@ -280,21 +280,24 @@ def test_an_accelerator_that_already_runs_fsdp_is_refused_before_training(tmp_pa
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_one_process_failing_at_a_task_boundary_stops_every_process(tmp_path):
-    """DDP, 2 processes, one launch, three cases (``boundary_failure_worker.py``): the failing process raises its
+    """DDP, 2 processes, one launch, five cases (``boundary_failure_worker.py``): the failing process raises its
     own error, the other a DistributedStepError naming the step and the failing rank, within seconds (a hang would
-    last until the gloo timeout); both hold the same state, and output_dir holds no file of the failed step."""
+    last until the gloo timeout); both hold the same state, the head and class statistics of the failed step are as
+    they were, and output_dir holds no file of the failed step."""
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "boundary_failure_worker.py"),
-                          str(tmp_path)], capture_output=True, text=True, timeout=300, env=dict(
+                          str(tmp_path)], capture_output=True, text=True, timeout=420, env=dict(
         os.environ, OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
     assert run.returncode == 0, run.stderr[-4000:]
-    expected = {  # case: (failing rank, step, tasks learned when it failed)
-        "prepare": (1, "train_task: checks and data preparation", 0),
-        "evaluation": (1, "evaluation after task 2 (scores)", 2),
-        "checkpoint": (0, "checkpoint after task 2", 2),
+    expected = {  # case: (failing rank, step, tasks learned when it failed, head rows, classes with statistics)
+        "prepare": (1, "train_task: checks and data preparation", 0, 2, []),
+        "head": (1, "head of task 2 (growth, frozen rows)", 1, 2, [0, 1]),
+        "alignment": (1, "classifier alignment after task 2", 2, 5, [0, 1]),
+        "evaluation": (1, "evaluation after task 2 (scores)", 2, 5, [0, 1, 2, 3, 4]),
+        "checkpoint": (0, "checkpoint after task 2", 2, 5, [0, 1, 2, 3, 4]),
     }
-    for case, (failing, step, learned) in expected.items():
+    for case, (failing, step, learned, rows, statistics) in expected.items():
         records = [json.loads((tmp_path / f"{case}-rank{rank}.json").read_text()) for rank in (0, 1)]
         own, other = records[failing], records[1 - failing]
         assert own["error"]["type"] == "InjectedFailure", (case, own)
@@ -305,7 +308,11 @@ def test_one_process_failing_at_a_task_boundary_stops_every_process(tmp_path):
             assert record["seconds"] < 60, (case, record)
             assert (record["tasks_done"], record["trainer_tasks"], record["task_in_progress"]) == \
                 (learned, learned, False), (case, record)
-        if learned:  # the failure came after the task was learned: the error says so and how to go on
+            assert len(record["head"]) == rows and record["statistics_classes"] == statistics, (case, record)
+        assert records[0]["head"] == records[1]["head"], case  # the processes stay in step
+        if case == "alignment":  # the head is the one the alignment started from, on both processes
+            assert all(r["head"] == r["head_before_alignment"] for r in records)
+        if learned == 2:  # the failure came after the task was learned: the error says so and how to go on
             assert "resume_from_checkpoint=True" in other["error"]["message"]
         continual = tmp_path / case / "continual"
         assert not (continual / "after-task-02").exists()

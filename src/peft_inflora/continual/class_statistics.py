@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
@@ -184,8 +185,16 @@ class ClassStatistics:
     def __len__(self) -> int:
         return int(self.classes.numel())
 
+    def with_task(self, accumulator: ClassFeatureAccumulator, task: int) -> "ClassStatistics":
+        """These statistics plus the finished task's classes (their moments from ``accumulator``) under task index
+        ``task``, as a new object; ``self`` is left as it is (so a failure, or another process's, changes nothing)."""
+        extended = copy.copy(self)  # the tensors are shared; add_task only assigns new ones
+        extended.add_task(accumulator, task)
+        return extended
+
     def add_task(self, accumulator: ClassFeatureAccumulator, task: int) -> None:
-        """Store the finished task's classes (their moments from ``accumulator``) under task index ``task``."""
+        """Store the finished task's classes (their moments from ``accumulator``) under task index ``task``. Every
+        stored tensor is replaced, never written in place (:meth:`with_task` relies on it)."""
         if accumulator.dim != self.dim:
             raise ValueError(f"The accumulator's features have d={accumulator.dim}, these statistics d={self.dim}.")
         classes, counts, means, covs = accumulator.moments()
@@ -199,7 +208,7 @@ class ClassStatistics:
         if self.storage == "full":
             self.covariances = torch.cat([self.covariances, covs.to(self.dtype)])
         elif self.storage == "shared":
-            self.scatter += ((counts - 1).clamp_min(0)[:, None, None] * covs).sum(0)
+            self.scatter = self.scatter + ((counts - 1).clamp_min(0)[:, None, None] * covs).sum(0)
         else:
             values, vectors = torch.linalg.eigh(covs)  # ascending
             values, vectors = values[:, -self.rank:].clamp_min(0), vectors[:, :, -self.rank:]

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..distributed import agree
 from .alignment import (
     ClassFeatureAccumulator,
     ClassStatistics,
@@ -145,7 +146,12 @@ class HeadAlignment:
                  extra_pass_batches: Any = None) -> None:
         """Store the finished task's class statistics and align ``head`` (from the second task on). With
         ``extra_pass`` (or when the last epoch recorded nothing, e.g. an iterable dataset), ``extra_pass_batches``
-        (the task's training batches) are read once more in eval mode."""
+        (the task's training batches) are read once more in eval mode.
+
+        Compute, agree, commit: the moments are summed over processes (a collective); then each process computes
+        the extended statistics and the aligned rows on a copy of the head, a local step that ends in
+        ``peft_inflora.distributed.agree``; only then are both installed. When the step fails on one process, every
+        process raises and the head and the statistics are as they were on all of them."""
         if not self.enabled:
             return
         self.stop_recording()
@@ -154,19 +160,28 @@ class HeadAlignment:
             collect_class_statistics(model, head, extra_pass_batches, accumulator)
         accumulator.ensure_classes(range(*classes))
         accumulator.all_reduce()
-        if self.statistics is None:
-            self.statistics = ClassStatistics(head.in_features, self.args.class_statistics_storage,
-                                              rank=self.args.class_statistics_rank
-                                              if self.args.class_statistics_storage == "lowrank" else None)
-        self.statistics.add_task(accumulator, task_index)
-        if len(set(self.statistics.tasks.tolist())) < 2:
-            return  # the authors align from the second task on: one task's rows have nothing to be aligned with
-        with gathered([head.weight, head.bias], modify=True):  # ZeRO-3: read and rewrite the whole head
-            self.last_losses = self._align(head, task_index)
+        # the authors align from the second task on: one task's rows have nothing to be aligned with
+        aligns = self.statistics is not None and len(self.statistics) > 0
+        params = [head.weight, head.bias] if aligns else []
+        with gathered(params, modify=True):  # ZeRO-3: read and rewrite the whole head
+            with agree(f"classifier alignment after task {task_index + 1}"):
+                statistics = self.statistics if self.statistics is not None else ClassStatistics(
+                    head.in_features, self.args.class_statistics_storage,
+                    rank=self.args.class_statistics_rank if self.args.class_statistics_storage == "lowrank" else None)
+                statistics = statistics.with_task(accumulator, task_index)
+                aligned = _detached_copy(head) if aligns else None
+                losses = self._align(aligned, statistics, task_index) if aligned is not None else []
+            self.statistics = statistics
+            if aligned is not None:
+                with torch.no_grad():
+                    head.weight.copy_(aligned.weight)
+                    if head.bias is not None:
+                        head.bias.copy_(aligned.bias)
+                self.last_losses = losses
 
-    def _align(self, head: nn.Linear, task_index: int) -> list[float]:
+    def _align(self, head: nn.Linear, statistics: ClassStatistics, task_index: int) -> list[float]:
         return align_classifier(
-            head, self.statistics, epochs=self.args.alignment_epochs,
+            head, statistics, epochs=self.args.alignment_epochs,
             samples_per_class=self.args.alignment_samples_per_class, lr=self.args.alignment_lr,
             mean_decay=self.args.alignment_decay(), logit_temperature=self.args.alignment_logit_temperature,
             seed=1000 * int(self.args.seed) + task_index,
@@ -181,3 +196,14 @@ class HeadAlignment:
         if self.statistics is None or len(self.statistics) == 0:
             return None
         return save_class_statistics(self.statistics, folder)
+
+
+def _detached_copy(linear: nn.Linear) -> nn.Linear:
+    """A new ``nn.Linear`` holding ``linear``'s current values (the alignment trains it; the caller installs them)."""
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        copy.weight.copy_(linear.weight)
+        if linear.bias is not None:
+            copy.bias.copy_(linear.bias)
+    return copy

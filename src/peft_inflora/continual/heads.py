@@ -25,8 +25,8 @@ from .zero3 import gathered
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
 
 __all__ = ["ClassRange", "CosineLogits", "FrozenHeadRows", "HeadLossMixin", "RestoreFrozenHeadRows",
-           "check_local_labels", "class_ranges", "ensure_head_size", "find_head", "grow_linear", "new_head_row",
-           "num_task_classes", "to_global_labels"]
+           "check_local_labels", "class_ranges", "ensure_head_size", "find_head", "grow_linear", "grown_head",
+           "install_head", "new_head_row", "num_task_classes", "to_global_labels"]
 
 
 def label_column(dataset: Any) -> Optional[str]:
@@ -136,16 +136,37 @@ def find_head(model: PeftModel) -> tuple[ModulesToSaveWrapper, nn.Linear]:
 def ensure_head_size(model: PeftModel, num_classes: int, seed: int = 0) -> None:
     """Grow the head (every adapter's copy and the original) to ``num_classes`` outputs, new rows from
     :func:`new_head_row` with ``seed``; never shrinks."""
+    wrapper, _ = find_head(model)
+    with gathered(wrapper.parameters()):  # ZeRO-3: the old rows whole (the grown copies are new parameters)
+        grown = grown_head(model, num_classes, seed)
+    install_head(model, grown, num_classes)
+
+
+def grown_head(model: PeftModel, num_classes: int, seed: int = 0) -> Optional[dict[str, nn.Linear]]:
+    """The head's ``nn.Linear`` copies grown to ``num_classes`` outputs (:func:`grow_linear`), by key of
+    ``modules_to_save`` (``""``: the original module), or ``None`` when the head has that many already. Nothing is
+    installed (:func:`install_head` does). Under ZeRO-3 the caller gathers the head first."""
     wrapper, head = find_head(model)
     if head.out_features >= num_classes:
+        return None
+    grown = {key: grow_linear(module, num_classes, seed) for key, module in wrapper.modules_to_save.items()
+             if isinstance(module, nn.Linear)}
+    if isinstance(wrapper.original_module, nn.Linear):
+        grown[""] = grow_linear(wrapper.original_module, num_classes, seed)
+    return grown
+
+
+def install_head(model: PeftModel, grown: Optional[dict[str, nn.Linear]], num_classes: int) -> None:
+    """Put the copies of :func:`grown_head` in place of the head's modules and tell the model its new number of
+    labels (``None``: nothing to do)."""
+    if grown is None:
         return
-    with gathered(wrapper.parameters()):  # ZeRO-3: the old rows whole (the grown copies are new parameters)
-        for key in list(wrapper.modules_to_save.keys()):
-            module = wrapper.modules_to_save[key]
-            if isinstance(module, nn.Linear):
-                wrapper.modules_to_save[key] = grow_linear(module, num_classes, seed)
-        if isinstance(wrapper.original_module, nn.Linear):
-            wrapper.original_module = grow_linear(wrapper.original_module, num_classes, seed)
+    wrapper, _ = find_head(model)
+    for key, module in grown.items():
+        if key:
+            wrapper.modules_to_save[key] = module
+        else:
+            wrapper.original_module = module
     model.config.num_labels = num_classes
     for module in model.modules():  # transformers heads keep their own copy for the loss
         if isinstance(getattr(module, "num_labels", None), int) and module is not model:
@@ -188,15 +209,15 @@ class CosineLogits:
 
 
 class FrozenHeadRows:
-    """The head rows outside ``classes``, snapshotted now and restored after every optimizer step."""
+    """The rows of ``head`` outside ``classes``, snapshotted now and restored after every optimizer step. Under
+    ZeRO-3 the caller gathers ``head`` around the snapshot."""
 
-    def __init__(self, model: PeftModel, classes: ClassRange) -> None:
-        _, self.head = find_head(model)
+    def __init__(self, head: nn.Linear, classes: ClassRange) -> None:
+        self.head = head
         self.frozen = torch.ones(self.head.out_features, dtype=torch.bool, device=self.head.weight.device)
         self.frozen[classes[0]: classes[1]] = False
-        with gathered(self._params()):  # ZeRO-3: the whole rows
-            self.weight = self.head.weight.detach().clone()
-            self.bias = self.head.bias.detach().clone() if self.head.bias is not None else None
+        self.weight = self.head.weight.detach().clone()
+        self.bias = self.head.bias.detach().clone() if self.head.bias is not None else None
 
     def _params(self) -> list[nn.Parameter]:
         return [self.head.weight] + ([self.head.bias] if self.head.bias is not None else [])

@@ -43,8 +43,9 @@ from .heads import (
     HeadLossMixin,
     RestoreFrozenHeadRows,
     check_local_labels,
-    ensure_head_size,
     find_head,
+    grown_head,
+    install_head,
     num_task_classes,
     to_global_labels,
 )
@@ -53,7 +54,7 @@ from .result import ContinualResult
 from .sequence import SequenceMixin
 from .sharding import FSDPPluginMixin, check_sharding, is_fsdp2_sharded
 from .task_evaluation import TaskEvaluationMixin
-from .zero3 import adapter_file_parameters, gathered, take_whole_adapter
+from .zero3 import adapter_file_parameters, gathered, head_parameters, take_whole_adapter
 
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
@@ -313,14 +314,15 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
         user_data = (self.train_dataset, self.eval_dataset)
         set_seed(self.args.seed + index)
         if classes is not None:
-            ensure_head_size(peft_model, classes[1], self.args.seed)
+            self._begin_head(peft_model, classes, index)
         self.train_dataset = train_dataset
         if classes is not None:  # evaluation during training (eval_strategy) sees global labels too
             self.eval_dataset = eval_dataset
         self._current = (index + 1, task)
+        aligns = classes is not None and self._head_alignment.enabled
+        alignment_batches = None
         try:
             if classes is not None:
-                self._task_classes, self._frozen_head = classes, FrozenHeadRows(peft_model, classes)
                 self._head_alignment.begin_task(find_head(peft_model)[1])
                 if self._cosine is not None:
                     self._cosine.attach(find_head(peft_model)[1])  # and active while the task trains
@@ -340,11 +342,8 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
                 take_whole_adapter(peft_model)  # ZeRO-3: end_task reads and folds whole A_t (no-op otherwise)
                 peft_model.end_task(self.get_train_dataloader(), progress=show)
             statistics_seconds += time.perf_counter() - t0
-            if classes is not None and self._head_alignment.enabled:
-                t0 = time.perf_counter()
-                self._head_alignment.end_task(peft_model, find_head(peft_model)[1], index, classes,
-                                              self.get_train_dataloader())
-                self.log({"continual/alignment_seconds": time.perf_counter() - t0})
+            if aligns:  # the task's batches, for an alignment that reads them once more (extra_pass)
+                alignment_batches = self.get_train_dataloader()
         except BaseException:
             self._head_alignment.abort_task()
             if self.is_inflora and peft_model.task_in_progress():
@@ -365,6 +364,11 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
             result.extra["class_ranges"] = [list(r) for r in self._class_ranges]
         result.extra.setdefault("tasks", {})[task.name] = task_record(task) | {"metric": self.task_metric(task).name}
         try:
+            if aligns:  # agreed inside: on a failure the head and the class statistics are as they were
+                t0 = time.perf_counter()
+                self._head_alignment.end_task(peft_model, find_head(peft_model)[1], index, classes,
+                                              alignment_batches)
+                self.log({"continual/alignment_seconds": time.perf_counter() - t0})
             row = self.evaluate_tasks()
             timings = len(result.train_seconds) == index and len(result.statistics_seconds) == index
             result.add_row(row, train_seconds=train_seconds if timings else None,
@@ -395,6 +399,17 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
                 self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
                 if self._planned_names is None:  # train_task on its own: main follows the latest task
                     self._push_sequence_end()
+
+    def _begin_head(self, peft_model: PeftModel, classes: ClassRange, index: int) -> None:
+        """Grow the head to the task's classes and snapshot its other rows (restored after every optimizer step).
+        Compute, agree, commit: both are computed on every process (ZeRO-3: on the gathered head), the processes
+        agree, and only then is the grown head installed; when one process fails, none changed anything."""
+        with gathered(head_parameters(peft_model)), agree(f"head of task {index + 1} (growth, frozen rows)"):
+            grown = grown_head(peft_model, classes[1], self.args.seed)
+            head = grown[peft_model.active_adapter] if grown else find_head(peft_model)[1]  # find_head's, grown
+            frozen = FrozenHeadRows(head, classes)
+        install_head(peft_model, grown, classes[1])
+        self._task_classes, self._frozen_head = classes, frozen
 
     def _complete_checkpoint(self, folder: Any) -> None:
         """What a ``continual/after-task-NN`` holds besides the adapter and the result: the processing class and
