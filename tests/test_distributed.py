@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
 import pytest
 import torch
 from continual_fixtures import bert, inflora_bert
+from launch import run_worker
 from peft import PeftModel
 from safetensors.torch import load_file
 from sharded_worker import local_batches
@@ -22,31 +19,12 @@ from sharded_worker import local_batches
 from peft_inflora.distributed import ShardedAdapterError, adapter_parameters, all_reduce_gradients
 
 
-HERE = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"),
-                                                       os.environ.get("PYTHONPATH", "")]),
-                OMP_NUM_THREADS="1")
-
-
 @pytest.mark.multiprocess
 def test_under_fsdp_every_process_stops_the_statistics_pass_after_the_same_batch(tmp_path):
     """Process 0's batches hold 10 real tokens, process 1's 2; the budget is 20 tokens per process. Stopping each
     process on its own count (2 forwards against 10) deadlocks FSDP2, whose forwards are collectives: the first
     process to reach its budget stops all of them."""
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          str(HERE / "budget_distributed_worker.py"), str(tmp_path)],
-                         env=_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_worker("budget_distributed_worker.py", tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert (r0["local_count"], r1["local_count"]) == (20, 4)  # two forwards each: 2 x 10 and 2 x 2 real tokens
     assert r0["count"] == r1["count"] == 24  # and the all-reduced statistics agree
@@ -54,14 +32,8 @@ def test_under_fsdp_every_process_stops_the_statistics_pass_after_the_same_batch
 
 @pytest.mark.multiprocess
 def test_two_processes_design_identically_and_like_one_process(tmp_path):
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          str(HERE / "distributed_worker.py"), str(tmp_path / "two")],
-                         env=_env(), capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(HERE / "distributed_worker.py"), str(tmp_path / "one")],
-                         env=_env(), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_worker("distributed_worker.py", tmp_path / "two", timeout=600)
+    run_worker("distributed_worker.py", tmp_path / "one", processes=1, timeout=600)
 
     for task in (0, 1):
         r0 = load_file(tmp_path / "two" / f"design-task{task}-rank0.safetensors")
@@ -104,14 +76,7 @@ def _deepspeed_missing() -> Optional[str]:
 
 
 def _run_sharded_worker(mode: str, out: Path, processes: int) -> None:
-    worker = [str(HERE / "sharded_worker.py"), mode, str(out)]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + worker
-    else:
-        command = [sys.executable] + worker
-    run = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_worker("sharded_worker.py", mode, out, processes=processes, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,16 @@ agreement is a no-op that communicates nothing.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from continual_fixtures import inflora_bert
 from failure_worker import GLOO_TIMEOUT_S
+from launch import run_worker
 
 from peft_inflora import DistributedStepError
 from peft_inflora.distributed import agree, check_agreement
 
-
-HERE = Path(__file__).parent
 
 # case -> (the failing rank, what it raises, words in its error, the step the other process's error names)
 FAILURES = {
@@ -49,24 +43,12 @@ SUCCESSES = {"begin_ok": (0, True), "end_ok": (1, False), "save_ok": (1, False),
              "fsdp2_begin_ok": (0, True), "fsdp2_end_ok": (1, False)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> dict:
     """Every case's record on each rank: ``{rank: {case: record}}``."""
     out = tmp_path_factory.mktemp("failures")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
     # a hang would end in the gloo timeout (GLOO_TIMEOUT_S per collective); the whole run must end well before this
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          str(HERE / "failure_worker.py"), str(out)],
-                         env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_worker("failure_worker.py", out, timeout=180)
     result = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     result["out"] = out
     return result

@@ -11,8 +11,6 @@ peft_inflora.subspace.sketch).
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch import free_port, worker_env
 from peft import PeftModel, get_peft_model
 from tiny_models import text_classification_batches, tiny_bert
 
@@ -448,19 +447,11 @@ def test_save_and_load_keep_the_field_and_the_state(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_processes_merge_to_the_identical_sketch_of_all_tokens(tmp_path):
     import sketch_distributed_worker as worker
 
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     procs = [subprocess.Popen([sys.executable, str(HERE / "sketch_distributed_worker.py"), str(tmp_path)],
                               env=dict(env, RANK=str(rank)), stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     for proc in procs:

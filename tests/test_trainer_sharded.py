@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Optional
 import pytest
 import torch
 from continual_fixtures import bert, inflora_bert, tasks, training_args
+from launch import free_port, run_worker, worker_env
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -29,21 +29,8 @@ HERE = Path(__file__).parent
 SEQUENCE = (2, 3)  # the worker's tasks (classes per task)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(mode: str, out: Path, processes: int = 2, **env: str) -> None:
-    worker = [str(HERE / "trainer_sharded_worker.py"), mode, str(out)]
-    command = [sys.executable] + worker if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port())] + worker
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=dict(
-        os.environ, OMP_NUM_THREADS="1", **env,
-        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_worker("trainer_sharded_worker.py", mode, out, processes=processes, **env)
 
 
 def _missing(module: str) -> Optional[str]:
@@ -141,12 +128,10 @@ def test_accelerate_launch_with_an_fsdp_config_trains_like_one_process(tmp_path,
     default): process 1 starts from other weights, as from_pretrained leaves them there, and the trainer broadcasts
     process 0's before sharding."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
-              str(_free_port()), "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
+              str(free_port()), "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy",
               "TRANSFORMER_BASED_WRAP", "--fsdp_cpu_ram_efficient_loading", "true",
               str(HERE / "trainer_sharded_worker.py"), "accelerate_launch", str(tmp_path)]
-    run = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=dict(
-        os.environ, OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
+    run = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=worker_env())
     assert run.returncode == 0, run.stderr[-4000:]
     _assert_like_one_process(tmp_path, one_process, head_atol=1e-5)
     assert _record(tmp_path, 1)["fsdp_units"] == ["base_model.model", "base_model.model.bert.embeddings",
@@ -284,12 +269,7 @@ def test_one_process_failing_at_a_task_boundary_stops_every_process(tmp_path):
     own error, the other a DistributedStepError naming the step and the failing rank, within seconds (a hang would
     last until the gloo timeout); both hold the same state, the head and class statistics of the failed step are as
     they were, and output_dir holds no file of the failed step."""
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "boundary_failure_worker.py"),
-                          str(tmp_path)], capture_output=True, text=True, timeout=420, env=dict(
-        os.environ, OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_worker("boundary_failure_worker.py", tmp_path, timeout=420)
     expected = {  # case: (failing rank, step, tasks learned when it failed, head rows, classes with statistics)
         "prepare": (1, "train_task: checks and data preparation", 0, 2, []),
         "head": (1, "head of task 2 (growth, frozen rows)", 1, 2, [0, 1]),
@@ -338,12 +318,7 @@ def test_a_4bit_base_sharded_with_the_fsdp_plugin_keeps_its_packed_weights_whole
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)).save_pretrained(folder)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                          "127.0.0.1", "--master_port", str(_free_port()), str(HERE / "quantized_fsdp_worker.py"),
-                          str(folder), str(tmp_path)], capture_output=True, text=True, timeout=300, env=dict(
-        os.environ, OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])))
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_worker("quantized_fsdp_worker.py", folder, tmp_path)
     records = [json.loads((tmp_path / f"record-rank{rank}.json").read_text()) for rank in (0, 1)]
     for record in records:
         assert record["four_bit_weight"] == "Params4bit"  # not a DTensor

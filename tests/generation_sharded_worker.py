@@ -1,0 +1,244 @@
+"""Entry point of the ZeRO-3 generation tests: ``torchrun --nproc_per_node 2 generation_sharded_worker.py MODE OUT``,
+or ``python generation_sharded_worker.py MODE OUT`` (a ``*_single`` mode) for the one-process reference.
+
+MODE ``sft_single`` / ``sft_zero3``: TRL's ``SFTTrainer`` made continual (``ContinualSFTTrainer``), two conversational
+instruction tasks (colours, then animals), a tiny random ``LlamaForCausalLM`` (``tiny_models.tiny_llama``) with an
+InfLoRA adapter on every linear layer of its blocks, SFTConfig's defaults (gradient checkpointing) except ``bf16``
+(off: fp32 on both sides of the comparison). MODE ``trainer_single`` / ``trainer_zero3``: the ``ContinualTrainer``
+with ``setting="generation"`` on the same tasks as prompt/answer pairs (``tokenize_instruction_dataset``,
+``DataCollatorForSeq2Seq``). Every task is evaluated by greedy generation (exact match).
+
+``*_zero3``: ``TrainingArguments(deepspeed=<config>)`` with ``"zero_optimization": {"stage": 3,
+"stage3_param_persistence_threshold": 0}`` (every parameter partitioned, however small), DeepSpeed's CPU accelerator
+over gloo; the state made first as in ``trainer_sharded_worker.py`` (``PartialState(backend="gloo")`` with
+``ACCELERATE_USE_DEEPSPEED=true``, ``accelerator_config={"use_configured_state": True}``). A probe records what each
+process holds of an ``A_t`` and a base weight after the first optimizer step of each task (``partitioned``), and a
+spy on the evaluation's ``generate_answers`` what each process generated (``generations``: the number of prompts,
+the answers, the ``synced_gpus`` that ``generate`` ran with).
+
+Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
+(every InfLoRA tensor, gathered), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
+``output_dir`` in ``OUT/run``. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
+checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``GEN_BATCH`` sets
+``per_device_eval_batch_size`` (default 4: two generate calls per task of 6 prompts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+from safetensors.torch import save_file
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+import datasets  # noqa: E402
+import peft.peft_model  # noqa: E402
+import transformers.generation.utils  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast  # noqa: E402
+
+import peft_inflora.continual.task_evaluation  # noqa: E402
+from peft_inflora import (  # noqa: E402
+    ContinualCallback,
+    ContinualTask,
+    ContinualTrainer,
+    ContinualTrainingArguments,
+    InfLoRAConfig,
+    tokenize_instruction_dataset,
+)
+from peft_inflora.continual.zero3 import gathered  # noqa: E402
+
+
+MODES = ("sft_single", "sft_zero2", "sft_zero3", "trainer_single", "trainer_zero2", "trainer_zero3")
+SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[USER]", "[ASSISTANT]"]  # ids 0, 1, 2 as in tiny_llama's config
+WORDS = ("colour of the grass sky snow in winter animal that barks meows moos field ? "
+         "green blue white dog cat cow").split()
+CHAT_TEMPLATE = (  # one user turn, one assistant turn ending in [EOS], the assistant's part in {% generation %}
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}[USER] {{ m['content'] }} "
+    "{% elif m['role'] == 'assistant' %}[ASSISTANT] {% generation %}{{ m['content'] }} [EOS]{% endgeneration %} "
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
+)
+# questions of different lengths (padding in every batch), six per task
+COLOURS = [("colour of grass ?", "green"), ("colour of the sky ?", "blue"), ("colour of snow in winter ?", "white"),
+           ("the colour of the grass ?", "green"), ("sky colour ?", "blue"), ("snow colour ?", "white")]
+ANIMALS = [("animal that barks ?", "dog"), ("the animal that meows ?", "cat"),
+           ("animal that moos in the field ?", "cow"), ("that barks ?", "dog"), ("meows ?", "cat"),
+           ("moos ?", "cow")]
+TASKS = (("colours", COLOURS), ("animals", ANIMALS))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (vocabulary 29 < tiny_llama's 100) with a chat template that marks assistant turns."""
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                  unk_token="[UNK]", additional_special_tokens=["[USER]", "[ASSISTANT]"])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO-``stage``; ZeRO-3 with every parameter partitioned (by default those under 1e5 elements stay whole); the
+    optimizer in the config (the Trainer's is Accelerate's ``DummyOptim``)."""
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
+
+
+def sft_tasks() -> list[ContinualTask]:
+    def chats(pairs):
+        return datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}] for q, a in pairs]})
+    return [ContinualTask(name, chats(pairs * 4), chats(pairs)) for name, pairs in TASKS]
+
+
+def trainer_tasks(tok) -> list[ContinualTask]:
+    def pairs_dataset(pairs):
+        return datasets.Dataset.from_dict({"prompt": [q for q, _ in pairs], "answer": [a for _, a in pairs]})
+    return [ContinualTask(name, tokenize_instruction_dataset(pairs_dataset(pairs * 4), tok), pairs_dataset(pairs))
+            for name, pairs in TASKS]
+
+
+class PartitionProbe(ContinualCallback):
+    """ZeRO-3: after the first optimizer step of every task, what this process holds of an ``A_t`` and a base weight
+    (``ds_status``, the local data's size, the whole size, the size of this process's slice)."""
+
+    def __init__(self, trainer_ref: list) -> None:
+        self.trainer_ref, self.records = trainer_ref, []
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if state.global_step != 0:  # the step counter is raised after this event: 0 during the first step
+            return
+        layer = self.trainer_ref[0].peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        self.records.append({
+            name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
+                   "whole": getattr(p, "ds_numel", None),
+                   "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else None}
+            for name, p in (("A_t", layer.inflora_A["default"]), ("base", layer.base_layer.weight))})
+
+
+class StopAfter(ContinualCallback):
+    """Ends the process right after the checkpoint of task ``k`` (1-based), as a kill would."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_task_end(self, args, state, control, task, task_index, result=None, **kwargs):
+        if task_index + 1 == self.k:
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            os._exit(0)
+
+
+def spy_on_generation(records: list) -> None:
+    """Record every evaluation's prompts count and answers (``generate_answers`` as ``task_evaluation`` calls it) and
+    the ``synced_gpus`` each ``generate`` ran with (as transformers resolved it)."""
+    real_answers = peft_inflora.continual.task_evaluation.generate_answers
+    real_kwargs = transformers.generation.utils.GenerationMixin._extract_generation_mode_kwargs
+
+    def answers(model, tok, prompts, **kwargs):
+        record = {"prompts": len(prompts), "synced_gpus": []}
+        records.append(record)
+        record["answers"] = real_answers(model, tok, prompts, **kwargs)
+        return record["answers"]
+
+    def mode_kwargs(self, *args, **kwargs):
+        resolved = real_kwargs(self, *args, **kwargs)
+        if records:
+            records[-1]["synced_gpus"].append(bool(resolved.get("synced_gpus", False)))
+        return resolved
+
+    peft_inflora.continual.task_evaluation.generate_answers = answers
+    transformers.generation.utils.GenerationMixin._extract_generation_mode_kwargs = mode_kwargs
+
+
+def main(mode: str, out: str) -> None:
+    if mode not in MODES:
+        raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
+    os.makedirs(out, exist_ok=True)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    extra = {}
+    if not mode.endswith("single"):
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        extra = dict(use_cpu=False, deepspeed=deepspeed_config(int(mode[-1])),
+                     accelerator_config={"use_configured_state": True})
+    else:
+        extra = dict(use_cpu=True)
+    tok = tokenizer()
+    model = get_peft_model(tiny_llama(seed=0), InfLoRAConfig(r=8, target_modules=TARGETS,
+                                                             statistics_max_tokens=None))
+    # batches of 4 per step in every mode: 4 on one process, 2 + 2 on two
+    common = dict(output_dir=os.path.join(out, "run"), num_train_epochs=int(os.environ.get("EPOCHS", 8)),
+                  learning_rate=5e-2, per_device_train_batch_size=4 // world,
+                  per_device_eval_batch_size=int(os.environ.get("GEN_BATCH", 4)),
+                  generation_max_new_tokens=3, report_to="none", save_strategy="no", logging_strategy="no", seed=0,
+                  disable_tqdm=True, **extra)
+    callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
+    trainer_ref: list = []
+    probe = PartitionProbe(trainer_ref) if mode.endswith("zero3") else None
+    callbacks += [probe] if probe else []
+    if mode.startswith("sft"):
+        from peft_inflora.trl import ContinualSFTConfig, ContinualSFTTrainer
+
+        args = ContinualSFTConfig(max_length=32, bf16=False, **common)
+        trainer = ContinualSFTTrainer(model=model, args=args, processing_class=tok, callbacks=callbacks)
+        sequence = sft_tasks()
+    else:
+        args = ContinualTrainingArguments(setting="generation", **common)
+        trainer = ContinualTrainer(model=model, args=args, processing_class=tok, callbacks=callbacks,
+                                   data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+        sequence = trainer_tasks(tok)
+    trainer_ref.append(trainer)
+    generations: list = []
+    spy_on_generation(generations)
+
+    writes: list[str] = []
+    real_save_file = peft.peft_model.safe_save_file
+
+    def counting_save_file(tensors, filename, *a, **kw):
+        writes.append(os.path.basename(filename))
+        return real_save_file(tensors, filename, *a, **kw)
+
+    peft.peft_model.safe_save_file = counting_save_file
+    try:
+        result = trainer.train_continual(sequence, resume_from_checkpoint=bool(os.environ.get("RESUME")))
+        record = {"accuracy_matrix": result.accuracy_matrix, "error": None}
+    except Exception as err:  # recorded for the test
+        traceback.print_exc()
+        record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
+                  "task_in_progress": model.task_in_progress()}
+    finally:
+        peft.peft_model.safe_save_file = real_save_file
+    record["generations"] = generations
+    if probe is not None:
+        record["partitioned"] = probe.records
+    with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
+        json.dump(record, f)
+    with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
+        json.dump(writes, f)
+    with gathered(model.parameters()):  # ZeRO-3: whole tensors (a no-op in one process)
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if "inflora" in k}
+    save_file(state, os.path.join(out, f"final-rank{rank}.safetensors"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
