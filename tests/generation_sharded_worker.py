@@ -20,7 +20,8 @@ Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or 
 (every InfLoRA tensor, gathered), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
 ``output_dir`` in ``OUT/run``. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
 checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``GEN_BATCH`` sets
-``per_device_eval_batch_size`` (default 4: two generate calls per task of 6 prompts).
+``per_device_eval_batch_size`` (default 4: two generate calls per task of 6 prompts). ``BF16=1``: the SFT modes
+train in bf16 (``bf16=True``, ``"bf16": {"enabled": "auto"}`` in the DeepSpeed config).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ TASKS = (("colours", COLOURS), ("animals", ANIMALS))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+BF16 = bool(os.environ.get("BF16"))  # SFT: bf16 training (DeepSpeed's bf16 on its CPU accelerator)
+
+
 def tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer (vocabulary 29 < tiny_llama's 100) with a chat template that marks assistant turns."""
     vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
@@ -95,7 +99,8 @@ def deepspeed_config(stage: int) -> dict:
         zero["stage3_param_persistence_threshold"] = 0
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
+            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
+            "bf16": {"enabled": "auto"}}
 
 
 def sft_tasks() -> list[ContinualTask]:
@@ -124,7 +129,7 @@ class PartitionProbe(ContinualCallback):
             return
         layer = self.trainer_ref[0].peft_model.base_model.model.model.layers[0].self_attn.q_proj
         self.records.append({
-            name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
+            name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(), "dtype": str(p.dtype),
                    "whole": getattr(p, "ds_numel", None),
                    "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else None}
             for name, p in (("A_t", layer.inflora_A["default"]), ("base", layer.base_layer.weight))})
@@ -177,6 +182,11 @@ def main(mode: str, out: str) -> None:
 
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo")
+        if BF16:  # transformers allows bf16 only on GPUs or with use_cpu=True, which would start DeepSpeed without
+            # gloo; DeepSpeed's CPU accelerator runs bf16
+            import transformers.training_args
+
+            transformers.training_args.is_torch_bf16_gpu_available = lambda: True
         extra = dict(use_cpu=False, deepspeed=deepspeed_config(int(mode[-1])),
                      accelerator_config={"use_configured_state": True})
     else:
@@ -197,7 +207,7 @@ def main(mode: str, out: str) -> None:
     if mode.startswith("sft"):
         from peft_inflora.trl import ContinualSFTConfig, ContinualSFTTrainer
 
-        args = ContinualSFTConfig(max_length=32, bf16=False, **common)
+        args = ContinualSFTConfig(max_length=32, bf16=BF16, **common)
         trainer = ContinualSFTTrainer(model=model, args=args, processing_class=tok, callbacks=callbacks)
         sequence = sft_tasks()
     else:
