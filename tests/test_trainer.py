@@ -207,6 +207,19 @@ def test_push_to_hub_uploads_adapter_memory_and_card_and_the_download_continues_
     assert torch.equal(head.weight[:5], old_rows)  # the learned classes keep their head rows
 
 
+def _kill_after_step(task_index: int, step: int) -> str:
+    """A ``Kill`` callback that ends the process after optimizer step ``step`` of task ``task_index``."""
+    return (
+        "class Kill(ContinualCallback):\n"
+        "    task = -1\n"
+        "    def on_task_begin(self, args, state, control, task, task_index, **kw):\n"
+        "        Kill.task = task_index\n"
+        "    def on_step_end(self, args, state, control, **kw):\n"
+        f"        if Kill.task == {task_index} and state.global_step == {step}:\n"
+        "            os._exit(17)\n"
+    )
+
+
 KILLS = {
     # at the start of the third task (its statistics pass done, nothing trained yet)
     "at task begin": (
@@ -216,15 +229,11 @@ KILLS = {
         "            os._exit(17)\n"
     ),
     # in the middle of the second task's training, after its third optimizer step
-    "mid task": (
-        "class Kill(ContinualCallback):\n"
-        "    task = -1\n"
-        "    def on_task_begin(self, args, state, control, task, task_index, **kw):\n"
-        "        Kill.task = task_index\n"
-        "    def on_step_end(self, args, state, control, **kw):\n"
-        "        if Kill.task == 1 and state.global_step == 3:\n"
-        "            os._exit(17)\n"
-    ),
+    "mid task": _kill_after_step(1, 3),
+    # the same with the Trainer's checkpoints every 2 steps (save_strategy="steps"): task 2 resumes from its step 2
+    "mid task, Trainer checkpoint in the first epoch": _kill_after_step(1, 3),
+    # after step 9 of task 2 (2 epochs of 6 steps), resumed from its step 8, inside the last epoch
+    "mid task, Trainer checkpoint in the last epoch": _kill_after_step(1, 9),
     # while the checkpoint after the second task is being written: its safetensors file half written, not renamed
     "during a save": (
         "import peft_inflora.continual.checkpoint as T\n"
@@ -243,15 +252,26 @@ KILLS = {
 }
 
 
-def _run_script(out: Path, kill: str | None, resume: bool) -> subprocess.CompletedProcess:
+def _run_script(out: Path, kill: str | None, resume: bool, save_steps: int = 0) -> subprocess.CompletedProcess:
+    """The fixtures' three tasks in a new process (killed as ``KILLS[kill]`` says); it prints the global step at which
+    each task's training started (``first step <k>``: a task resumed from a Trainer checkpoint does not start at 1)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
+    steps = f", save_strategy='steps', save_steps={save_steps}" if save_steps else ""
     code = (
         "import os, sys\n"
         "from continual_fixtures import inflora_bert, tasks, training_args\n"
         "from peft_inflora import ContinualCallback, ContinualTrainer\n"
         + (KILLS[kill] if kill else "class Kill(ContinualCallback):\n    pass\n")
-        + f"trainer = ContinualTrainer(model=inflora_bert(), args=training_args({str(out)!r}), callbacks=[Kill()])\n"
+        + "class FirstStep(ContinualCallback):\n"
+        "    def on_train_begin(self, args, state, control, **kw):\n"
+        "        self.seen = False\n"
+        "    def on_step_end(self, args, state, control, **kw):\n"
+        "        if not self.seen:\n"
+        "            print('first step', state.global_step, flush=True)\n"
+        "        self.seen = True\n"
+        f"trainer = ContinualTrainer(model=inflora_bert(), args=training_args({str(out)!r}{steps}), "
+        "callbacks=[Kill(), FirstStep()])\n"
         f"trainer.train_continual(tasks(), resume_from_checkpoint={resume})\n"
     )
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -265,15 +285,22 @@ def uninterrupted_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kill, last_checkpoint", [("at task begin", 2), ("mid task", 1), ("during a save", 1)])
+@pytest.mark.parametrize("kill, last_checkpoint, save_steps, first_steps", [
+    ("at task begin", 2, 0, [1]), ("mid task", 1, 0, [1, 1]), ("during a save", 1, 0, [1, 1]),
+    ("mid task, Trainer checkpoint in the first epoch", 1, 2, [3, 1])])
 def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_uninterrupted_one(
-        tmp_path, uninterrupted_run, kill, last_checkpoint):
-    killed = _run_script(tmp_path, kill=kill, resume=False)
+        tmp_path, uninterrupted_run, kill, last_checkpoint, save_steps, first_steps):
+    """Resumed with ``resume_from_checkpoint=True``: after the last finished task, or, with the Trainer's own
+    checkpoints (``save_strategy="steps"``), inside the interrupted task from its last one (the first training step
+    after the restart is then 3, not 1); bit for bit the uninterrupted run."""
+    killed = _run_script(tmp_path, kill=kill, resume=False, save_steps=save_steps)
     assert killed.returncode == 17, killed.stderr[-2000:]
     done = sorted(p.name for p in (tmp_path / "continual").glob("after-task-*"))
     assert done == [f"after-task-{k:02d}" for k in range(1, last_checkpoint + 1)]  # never a half-written one
-    resumed = _run_script(tmp_path, kill=None, resume=True)
+    resumed = _run_script(tmp_path, kill=None, resume=True, save_steps=save_steps)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [int(line.split()[-1]) for line in resumed.stdout.splitlines() if line.startswith("first step")] \
+        == first_steps
     a = load_file(tmp_path / "continual" / "after-task-03" / "adapter_model.safetensors")
     b = load_file(uninterrupted_run / "continual" / "after-task-03" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
@@ -282,6 +309,28 @@ def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_unin
     ra = json.loads((tmp_path / "continual_result.json").read_text())
     rb = json.loads((uninterrupted_run / "continual_result.json").read_text())
     assert ra["accuracy_matrix"] == rb["accuracy_matrix"]  # the metrics too, exactly
+
+
+def test_a_task_resumed_inside_its_last_epoch_reads_its_class_statistics_in_one_extra_pass(tmp_path,
+                                                                                            uninterrupted_run):
+    """Killed after step 9 of task 2 (2 epochs of 6 steps), resumed from its Trainer checkpoint at step 8: the last
+    epoch's record of the head's inputs (for the classifier alignment) would hold only its last 4 batches, so the
+    task's class statistics come from one eval-mode pass over all 48 examples, as with ``extra_pass``."""
+    kill = "mid task, Trainer checkpoint in the last epoch"
+    killed = _run_script(tmp_path, kill=kill, resume=False, save_steps=2)
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    resumed = _run_script(tmp_path, kill=None, resume=True, save_steps=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [int(line.split()[-1]) for line in resumed.stdout.splitlines() if line.startswith("first step")] == [9, 1]
+    statistics = load_file(tmp_path / "continual" / "after-task-03" / "class_statistics.safetensors")
+    straight = load_file(uninterrupted_run / "continual" / "after-task-03" / "class_statistics.safetensors")
+    assert torch.equal(statistics["classes"], straight["classes"])
+    task_2 = statistics["tasks"] == 1
+    assert statistics["counts"][task_2].sum() == 48 == straight["counts"][task_2].sum()  # every example, once
+    assert torch.equal(statistics["counts"], straight["counts"])
+    assert not torch.equal(statistics["means"][task_2], straight["means"][task_2])  # eval mode (no dropout)
+    result = json.loads((tmp_path / "continual_result.json").read_text())
+    assert [len(row) for row in result["accuracy_matrix"]] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("loss_classes, lo", [("task", 2), ("seen", 0)])

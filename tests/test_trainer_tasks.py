@@ -174,7 +174,7 @@ def test_train_learns_train_dataset_as_the_next_task_and_returns_the_train_outpu
 
 @pytest.mark.parametrize("case, match", [
     ("no eval_dataset", r"pass both .* or call\s+trainer.train_task"),
-    ("mid-task checkpoint", "not from a mid-task Trainer checkpoint"),
+    ("mid-task checkpoint", "not from a given checkpoint path"),
 ])
 def test_train_refuses_before_anything_changes(tmp_path, case, match):
     seq = tasks((2,))

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 from peft import PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
+from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import ContinualTask
 from .heads import ClassRange, class_ranges, num_task_classes, to_global_labels
@@ -56,6 +57,13 @@ def checkpoint_dir(output_dir: PathLike, task_number: int) -> Path:
 def task_run_dir(output_dir: PathLike, task_number: int, task_name: str) -> Path:
     """``output_dir/continual/task-NN-<name>``: where the Trainer's own checkpoints of that task go."""
     return Path(output_dir) / CONTINUAL_DIR / f"task-{task_number:02d}-{task_name}"
+
+
+def mid_task_checkpoint(output_dir: PathLike, task_number: int, task_name: str) -> Optional[str]:
+    """The Trainer's last ``checkpoint-<step>`` of task ``task_number`` (``task_run_dir``), or ``None``: where a task
+    that was stopped part-way resumes (``Trainer.train(resume_from_checkpoint=...)``)."""
+    folder = task_run_dir(output_dir, task_number, task_name)
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 
 
 def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:

@@ -86,6 +86,7 @@ class HeadAlignment:
         self.statistics: Optional[ClassStatistics] = None
         self.accumulator: Optional[ClassFeatureAccumulator] = None
         self.recorder: Optional[HeadInputRecorder] = None
+        self.partial_last_epoch: Optional[bool] = False  # a resumed task whose last epoch is partly behind it
         self.last_losses: list[float] = []
 
     @property
@@ -114,12 +115,15 @@ class HeadAlignment:
                 "classifier_alignment='none'.")
 
     # ------------------------------------------------------------------ one task
-    def begin_task(self, head: nn.Linear) -> None:
-        """Start the moments of the task about to train; with ``last_epoch``, hook the head."""
+    def begin_task(self, head: nn.Linear, resumed: bool = False) -> None:
+        """Start the moments of the task about to train; with ``last_epoch``, hook the head. A task ``resumed`` from
+        a mid-task checkpoint records only when its whole last epoch is still ahead; otherwise ``end_task`` reads its
+        batches once more instead, as with ``extra_pass``."""
         if not self.enabled:
             return
         self.check_head(head)
         self.accumulator = ClassFeatureAccumulator(head.in_features)
+        self.partial_last_epoch = None if resumed else False  # decided at a resumed task's first training forward
         if self.args.class_statistics_source == "last_epoch":
             self.recorder = HeadInputRecorder(head, self.accumulator).__enter__()
 
@@ -131,7 +135,9 @@ class HeadAlignment:
         epochs = getattr(state, "num_train_epochs", 0) or 0
         epoch = getattr(state, "epoch", None)
         last = training and epoch is not None and epochs > 0 and epoch >= epochs - 1
-        self.recorder.set_labels(labels if last else None)
+        if self.partial_last_epoch is None and training and epoch is not None:  # resumed inside the last epoch?
+            self.partial_last_epoch = epochs > 0 and epoch > epochs - 1
+        self.recorder.set_labels(labels if last and not self.partial_last_epoch else None)
 
     def stop_recording(self) -> None:
         if self.recorder is not None:

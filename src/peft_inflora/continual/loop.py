@@ -33,7 +33,7 @@ from . import zero3
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
 from .card import CardLocation
-from .checkpoint import SequenceSoFar, save_after_task, task_run_dir
+from .checkpoint import SequenceSoFar, mid_task_checkpoint, save_after_task, task_run_dir
 from .evaluation import AnswerMetric, TaskMetric
 from .head_alignment import HeadAlignment
 from .heads import (
@@ -166,14 +166,16 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
         ``TrainOutput`` of that task; the accuracy matrix is in ``trainer.continual_result``.
 
         ``resume_from_checkpoint=False`` ignores the ``continual/after-task-NN`` checkpoints of ``output_dir``;
-        ``None`` or ``True`` continues after the last of them (see :meth:`train_task`). Mid-task Trainer
-        checkpoints (a path) cannot be resumed: a task is learned whole, or again."""
+        ``None`` or ``True`` continues after the last of them (see :meth:`train_task`), inside the interrupted task
+        from its last Trainer checkpoint when there is one. A path is refused: the trainer finds its resume point."""
         if self._current is not None:  # inside train_task: the trainer's own loop
-            return super().train(trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)) or trial is not None:
             raise ValueError(
-                "A continual trainer resumes after finished tasks only (continual/after-task-NN in output_dir), not "
-                "from a mid-task Trainer checkpoint or a hyperparameter trial: call trainer.train() (or "
+                "A continual trainer finds its resume point in output_dir itself (the last continual/after-task-NN, "
+                "then the interrupted task's last continual/task-NN-<name>/checkpoint-<step>), not from a given "
+                "checkpoint path, and runs no hyperparameter trial: call trainer.train() (or "
                 "trainer.train_task(task)) with resume_from_checkpoint=True, or False to start over.")
         if self.train_dataset is None or self.eval_dataset is None or isinstance(self.eval_dataset, dict):
             raise ValueError(
@@ -199,7 +201,8 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
         * a downloaded adapter (``PeftModel.from_pretrained``, ``tasks_done() > 0``): pass ``previous_result`` (a
           :class:`ContinualResult`, or the folder / Hub repo id it was saved in) and ``previous_tasks``;
         * ``output_dir`` after a restart (``resume_from_checkpoint=True``, the default): the adapter of the last
-          ``continual/after-task-NN`` is loaded into the model, and ``previous_tasks`` is needed;
+          ``continual/after-task-NN`` is loaded into the model, and ``previous_tasks`` is needed; when ``task`` was
+          stopped part-way, its training resumes from its last Trainer checkpoint (``save_strategy`` not ``"no"``);
         * nothing: ``task`` is the first task.
 
         ``previous_tasks`` are the learned tasks, in order, with their ``eval_dataset`` (``train_dataset`` may be
@@ -211,7 +214,7 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
             prepared = self._prepare_task(task, sequence)
         self._adopt(sequence)
         self._push_missing()
-        self._learn(task, *prepared)
+        self._learn(task, *prepared, resume=resume_from_checkpoint)
         return self.continual_result
 
     def train_continual(self, tasks: Sequence[ContinualTask], resume_from_checkpoint: bool = False,
@@ -253,7 +256,7 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
         self._planned_names = names
         try:
             for task in tasks[done:]:
-                self.train_task(task)
+                self.train_task(task, resume_from_checkpoint=resume_from_checkpoint)
         finally:
             self._planned_names = None
         if self.args.push_task_revisions:
@@ -299,9 +302,11 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
         return dataset
 
     # ------------------------------------------------------------------ one task
-    def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any,
-               classes: Optional[ClassRange]) -> None:
+    def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any, classes: Optional[ClassRange],
+               resume: bool = False) -> None:
         index = len(self.continual_tasks)
+        # a task stopped part-way resumes from the Trainer's last checkpoint of it (same B_t: begin_task is exact)
+        mid_task = mid_task_checkpoint(self.args.output_dir, index + 1, task.name) if resume else None
         names = [t.name for t in self.continual_tasks] + [task.name]
         plan = self._planned_names if self._planned_names and self._planned_names[: index + 1] == names else names
         result = self.continual_result
@@ -323,7 +328,7 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
         alignment_batches = None
         try:
             if classes is not None:
-                self._head_alignment.begin_task(find_head(peft_model)[1])
+                self._head_alignment.begin_task(find_head(peft_model)[1], resumed=mid_task is not None)
                 if self._cosine is not None:
                     self._cosine.attach(find_head(peft_model)[1])  # and active while the task trains
             t0 = time.perf_counter()
@@ -335,7 +340,7 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
             self.model_wrapped = self.model  # re-wrap (DDP) around this task's new A_t
             zero3.forget_engine_hooks(peft_model)  # ZeRO-3: the new engine binds its own backward hooks
             t0 = time.perf_counter()
-            self._last_train_output = self.train()
+            self._last_train_output = self.train(resume_from_checkpoint=mid_task)
             train_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             if self.is_inflora:
