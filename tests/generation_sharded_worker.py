@@ -18,7 +18,9 @@ the answers, the ``synced_gpus`` that ``generate`` ran with).
 
 Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
 (every InfLoRA tensor, gathered), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
-``output_dir`` in ``OUT/run``. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
+``output_dir`` in ``OUT/run``. ``SAVE_STEPS=n``: the Trainer's own checkpoints every n steps; ``STOP_AT_STEP=k:s``
+ends the process after step s of task k; ``first_steps`` in the result: the global step of each task's first
+optimizer step in this process. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
 checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``GEN_BATCH`` sets
 ``per_device_eval_batch_size`` (default 4: two generate calls per task of 6 prompts). ``BF16=1``: the SFT modes
 train in bf16 (``bf16=True``, ``"bf16": {"enabled": "auto"}`` in the DeepSpeed config).
@@ -135,6 +137,38 @@ class PartitionProbe(ContinualCallback):
             for name, p in (("A_t", layer.inflora_A["default"]), ("base", layer.base_layer.weight))})
 
 
+class FirstSteps(ContinualCallback):
+    """The global step of each ``train()``'s first optimizer step (a task resumed inside starts after 1)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.seen = True
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.seen:
+            self.steps.append(state.global_step)
+        self.seen = True
+
+
+class StopAtStep(ContinualCallback):
+    """Ends the process after optimizer step ``step`` of task ``k`` (1-based), as a kill would."""
+
+    def __init__(self, k: int, step: int) -> None:
+        self.k, self.step, self.task = k, step, 0
+
+    def on_task_begin(self, args, state, control, task, task_index, **kwargs):
+        self.task = task_index + 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.task == self.k and state.global_step == self.step:
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+            os._exit(0)
+
+
 class StopAfter(ContinualCallback):
     """Ends the process right after the checkpoint of task ``k`` (1-based), as a kill would."""
 
@@ -198,9 +232,15 @@ def main(mode: str, out: str) -> None:
     common = dict(output_dir=os.path.join(out, "run"), num_train_epochs=int(os.environ.get("EPOCHS", 8)),
                   learning_rate=5e-2, per_device_train_batch_size=4 // world,
                   per_device_eval_batch_size=int(os.environ.get("GEN_BATCH", 4)),
-                  generation_max_new_tokens=3, report_to="none", save_strategy="no", logging_strategy="no", seed=0,
+                  generation_max_new_tokens=3, report_to="none", logging_strategy="no", seed=0,
+                  save_strategy="steps" if os.environ.get("SAVE_STEPS") else "no",
+                  save_steps=int(os.environ.get("SAVE_STEPS", 500)),
                   disable_tqdm=True, **extra)
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
+    if os.environ.get("STOP_AT_STEP"):  # "k:step"
+        callbacks.append(StopAtStep(*map(int, os.environ["STOP_AT_STEP"].split(":"))))
+    first_steps = FirstSteps()
+    callbacks.append(first_steps)
     trainer_ref: list = []
     probe = PartitionProbe(trainer_ref) if mode.endswith("zero3") else None
     callbacks += [probe] if probe else []
@@ -237,6 +277,7 @@ def main(mode: str, out: str) -> None:
     finally:
         peft.peft_model.safe_save_file = real_save_file
     record["generations"] = generations
+    record["first_steps"] = first_steps.steps
     if probe is not None:
         record["partitioned"] = probe.records
     with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:

@@ -133,3 +133,27 @@ def test_zero3_bf16_trains_a_t_in_bf16_and_keeps_the_method_exact_in_float32(tmp
     for key, tensor in r0.items():
         if "inflora_A" not in key:  # the empty bf16 A_t of the finished task is cast to the model's float32
             assert torch.equal(loaded[key], tensor), key
+
+
+def test_zero3_sft_run_killed_inside_a_task_resumes_from_its_trainer_checkpoint_bit_for_bit(tmp_path):
+    """``save_strategy="steps"`` (every 4 steps): both processes end after step 6 of task 2; the restart with
+    ``resume_from_checkpoint=True`` reloads task 1's checkpoint, runs task 2's ``begin_task`` again and resumes
+    DeepSpeed's engine from task 2's ``checkpoint-4`` (its first step is 5), and ends bit for bit where an
+    uninterrupted run with the same checkpoints ends."""
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    run_worker("generation_sharded_worker.py", "sft_zero3", straight, SAVE_STEPS="4")
+    run_worker("generation_sharded_worker.py", "sft_zero3", out, SAVE_STEPS="4", STOP_AT_STEP="2:6")
+    continual = out / "run" / "continual"
+    assert not (continual / "after-task-02").exists()
+    assert sorted(p.name for p in (continual / "task-02-animals").iterdir()) == ["checkpoint-4"]
+    run_worker("generation_sharded_worker.py", "sft_zero3", out, SAVE_STEPS="4", RESUME="1")
+    assert _record(straight, 0)["first_steps"] == [1, 1]
+    for rank in (0, 1):
+        record = _record(out, rank)
+        assert record["error"] is None and record["first_steps"] == [5], record
+        assert record["accuracy_matrix"] == _record(straight, 0)["accuracy_matrix"]
+        resumed, uninterrupted = load_file(out / f"final-rank{rank}.safetensors"), load_file(
+            straight / f"final-rank{rank}.safetensors")
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed:
+            assert torch.equal(resumed[key], uninterrupted[key]), key

@@ -305,8 +305,10 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
     def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any, classes: Optional[ClassRange],
                resume: bool = False) -> None:
         index = len(self.continual_tasks)
-        # a task stopped part-way resumes from the Trainer's last checkpoint of it (same B_t: begin_task is exact)
-        mid_task = mid_task_checkpoint(self.args.output_dir, index + 1, task.name) if resume else None
+        # a task stopped part-way resumes from the Trainer's last checkpoint of it (same B_t: begin_task is exact);
+        # save_only_model checkpoints hold no optimizer state: that task starts over, as transformers documents
+        mid_task = mid_task_checkpoint(self.args.output_dir, index + 1, task.name) \
+            if resume and not self.args.save_only_model else None
         names = [t.name for t in self.continual_tasks] + [task.name]
         plan = self._planned_names if self._planned_names and self._planned_names[: index + 1] == names else names
         result = self.continual_result
