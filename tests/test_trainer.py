@@ -252,12 +252,14 @@ KILLS = {
 }
 
 
-def _run_script(out: Path, kill: str | None, resume: bool, save_steps: int = 0) -> subprocess.CompletedProcess:
+def _run_script(out: Path, kill: str | None, resume: bool, save_steps: int = 0,
+                save_only_model: bool = False) -> subprocess.CompletedProcess:
     """The fixtures' three tasks in a new process (killed as ``KILLS[kill]`` says); it prints the global step at which
     each task's training started (``first step <k>``: a task resumed from a Trainer checkpoint does not start at 1)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
-    steps = f", save_strategy='steps', save_steps={save_steps}" if save_steps else ""
+    steps = f", save_strategy='steps', save_steps={save_steps}, save_only_model={save_only_model}" \
+        if save_steps else ""
     code = (
         "import os, sys\n"
         "from continual_fixtures import inflora_bert, tasks, training_args\n"
@@ -285,19 +287,21 @@ def uninterrupted_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("kill, last_checkpoint, save_steps, first_steps", [
-    ("at task begin", 2, 0, [1]), ("mid task", 1, 0, [1, 1]), ("during a save", 1, 0, [1, 1]),
-    ("mid task, Trainer checkpoint in the first epoch", 1, 2, [3, 1])])
+@pytest.mark.parametrize("kill, last_checkpoint, save_steps, only_model, first_steps", [
+    ("at task begin", 2, 0, False, [1]), ("mid task", 1, 0, False, [1, 1]), ("during a save", 1, 0, False, [1, 1]),
+    ("mid task, Trainer checkpoint in the first epoch", 1, 2, False, [3, 1]),
+    ("mid task, Trainer checkpoint in the first epoch", 1, 2, True, [1, 1])])
 def test_a_killed_run_resumes_after_the_last_finished_task_and_ends_like_an_uninterrupted_one(
-        tmp_path, uninterrupted_run, kill, last_checkpoint, save_steps, first_steps):
+        tmp_path, uninterrupted_run, kill, last_checkpoint, save_steps, only_model, first_steps):
     """Resumed with ``resume_from_checkpoint=True``: after the last finished task, or, with the Trainer's own
     checkpoints (``save_strategy="steps"``), inside the interrupted task from its last one (the first training step
-    after the restart is then 3, not 1); bit for bit the uninterrupted run."""
-    killed = _run_script(tmp_path, kill=kill, resume=False, save_steps=save_steps)
+    after the restart is then 3, not 1); bit for bit the uninterrupted run. ``save_only_model`` checkpoints hold no
+    optimizer state: the interrupted task starts over."""
+    killed = _run_script(tmp_path, kill=kill, resume=False, save_steps=save_steps, save_only_model=only_model)
     assert killed.returncode == 17, killed.stderr[-2000:]
     done = sorted(p.name for p in (tmp_path / "continual").glob("after-task-*"))
     assert done == [f"after-task-{k:02d}" for k in range(1, last_checkpoint + 1)]  # never a half-written one
-    resumed = _run_script(tmp_path, kill=None, resume=True, save_steps=save_steps)
+    resumed = _run_script(tmp_path, kill=None, resume=True, save_steps=save_steps, save_only_model=only_model)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert [int(line.split()[-1]) for line in resumed.stdout.splitlines() if line.startswith("first step")] \
         == first_steps
