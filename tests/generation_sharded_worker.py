@@ -41,10 +41,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import datasets  # noqa: E402
 import peft.peft_model  # noqa: E402
 import transformers.generation.utils  # noqa: E402
+from chat_tokenizer import chat_tokenizer  # noqa: E402
 from peft import get_peft_model  # noqa: E402
+from stop_callbacks import FirstSteps, StopAfter, StopAtStep  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast  # noqa: E402
+from transformers import DataCollatorForSeq2Seq  # noqa: E402
 
 import peft_inflora.continual.task_evaluation  # noqa: E402
 from peft_inflora import (  # noqa: E402
@@ -59,16 +60,6 @@ from peft_inflora.continual.zero3 import gathered  # noqa: E402
 
 
 MODES = ("sft_single", "sft_zero2", "sft_zero3", "trainer_single", "trainer_zero2", "trainer_zero3")
-SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[USER]", "[ASSISTANT]"]  # ids 0, 1, 2 as in tiny_llama's config
-WORDS = ("colour of the grass sky snow in winter animal that barks meows moos field ? "
-         "green blue white dog cat cow").split()
-CHAT_TEMPLATE = (  # one user turn, one assistant turn ending in [EOS], the assistant's part in {% generation %}
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}[USER] {{ m['content'] }} "
-    "{% elif m['role'] == 'assistant' %}[ASSISTANT] {% generation %}{{ m['content'] }} [EOS]{% endgeneration %} "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
-)
 # questions of different lengths (padding in every batch), six per task
 COLOURS = [("colour of grass ?", "green"), ("colour of the sky ?", "blue"), ("colour of snow in winter ?", "white"),
            ("the colour of the grass ?", "green"), ("sky colour ?", "blue"), ("snow colour ?", "white")]
@@ -80,17 +71,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 BF16 = bool(os.environ.get("BF16"))  # SFT: bf16 training (DeepSpeed's bf16 on its CPU accelerator)
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer (vocabulary 29 < tiny_llama's 100) with a chat template that marks assistant turns."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
-                                  unk_token="[UNK]", additional_special_tokens=["[USER]", "[ASSISTANT]"])
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 def deepspeed_config(stage: int) -> dict:
@@ -137,51 +117,6 @@ class PartitionProbe(ContinualCallback):
             for name, p in (("A_t", layer.inflora_A["default"]), ("base", layer.base_layer.weight))})
 
 
-class FirstSteps(ContinualCallback):
-    """The global step of each ``train()``'s first optimizer step (a task resumed inside starts after 1)."""
-
-    def __init__(self) -> None:
-        self.steps: list[int] = []
-        self.seen = True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.seen = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not self.seen:
-            self.steps.append(state.global_step)
-        self.seen = True
-
-
-class StopAtStep(ContinualCallback):
-    """Ends the process after optimizer step ``step`` of task ``k`` (1-based), as a kill would."""
-
-    def __init__(self, k: int, step: int) -> None:
-        self.k, self.step, self.task = k, step, 0
-
-    def on_task_begin(self, args, state, control, task, task_index, **kwargs):
-        self.task = task_index + 1
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.task == self.k and state.global_step == self.step:
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            os._exit(0)
-
-
-class StopAfter(ContinualCallback):
-    """Ends the process right after the checkpoint of task ``k`` (1-based), as a kill would."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def on_task_end(self, args, state, control, task, task_index, result=None, **kwargs):
-        if task_index + 1 == self.k:
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            os._exit(0)
-
-
 def spy_on_generation(records: list) -> None:
     """Record every evaluation's prompts count and answers (``generate_answers`` as ``task_evaluation`` calls it) and
     the ``synced_gpus`` each ``generate`` ran with (as transformers resolved it)."""
@@ -225,7 +160,7 @@ def main(mode: str, out: str) -> None:
                      accelerator_config={"use_configured_state": True})
     else:
         extra = dict(use_cpu=True)
-    tok = tokenizer()
+    tok = chat_tokenizer()
     model = get_peft_model(tiny_llama(seed=0), InfLoRAConfig(r=8, target_modules=TARGETS,
                                                              statistics_max_tokens=None))
     # batches of 4 per step in every mode: 4 on one process, 2 + 2 on two

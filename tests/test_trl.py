@@ -14,10 +14,10 @@ pytest.importorskip("trl")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+from chat_tokenizer import chat_tokenizer  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import HfArgumentParser, PreTrainedTokenizerFast  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
 
 import peft_inflora.model  # noqa: E402
 from peft_inflora import ContinualTask, ContinualTrainingArguments, InfLoRAConfig  # noqa: E402
@@ -25,17 +25,6 @@ from peft_inflora.continual import ContinualArguments  # noqa: E402
 from peft_inflora.trl import ContinualSFTConfig, ContinualSFTTrainer  # noqa: E402
 
 
-SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "[USER]", "[ASSISTANT]"]  # ids 0, 1, 2 as in tiny_llama's config
-WORDS = ("colour of the grass sky snow in winter animal that barks meows moos field ? "
-         "green blue white dog cat cow").split()
-# one user turn, one assistant turn ending in [EOS]; the assistant text and its [EOS] inside {% generation %}
-CHAT_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}[USER] {{ m['content'] }} "
-    "{% elif m['role'] == 'assistant' %}[ASSISTANT] {% generation %}{{ m['content'] }} [EOS]{% endgeneration %} "
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}[ASSISTANT] {% endif %}"
-)
 # questions of different lengths, so that batches hold padding
 COLOURS = [("colour of grass ?", "green"), ("colour of the sky ?", "blue"), ("colour of snow in winter ?", "white")]
 ANIMALS = [("animal that barks ?", "dog"), ("the animal that meows ?", "cat"),
@@ -44,14 +33,7 @@ ANIMALS = [("animal that barks ?", "dog"), ("the animal that meows ?", "cat"),
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level tokenizer (vocabulary 29 < tiny_llama's 100) with a chat template that marks assistant turns."""
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
-                                  unk_token="[UNK]", additional_special_tokens=["[USER]", "[ASSISTANT]"])
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return chat_tokenizer()
 
 
 def conversations(pairs) -> datasets.Dataset:

@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
+from stop_callbacks import StopAfter  # noqa: E402
 
 from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
 from peft_inflora.continual.zero3 import gathered  # noqa: E402
@@ -82,19 +83,6 @@ class PartitionProbe(ContinualCallback):
         # the engine's module hooks on a base layer: the same count in every task (the last engine's went)
         record["hooks"] = len(layer.base_layer._forward_pre_hooks) + len(layer.base_layer._forward_hooks)
         self.records.append(record)
-
-
-class StopAfter(ContinualCallback):
-    """Ends the process right after the checkpoint of task ``k`` (1-based), as a kill would."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def on_task_end(self, args, state, control, task, task_index, result=None, **kwargs):
-        if task_index + 1 == self.k:
-            if torch.distributed.is_initialized():
-                torch.distributed.barrier()
-            os._exit(0)
 
 
 def fsdp2_wrap(model, ignore_head: bool = True) -> None:
