@@ -194,8 +194,8 @@ def test_unsupported_module_type_is_refused_before_any_module_is_replaced(unsupp
     base = MixedModules()
     before = snapshot(base)
     kind = {"emb": "Embedding", "conv": "Conv2d"}[unsupported]
-    with pytest.raises(TypeError, match=rf"'{unsupported}' of type {kind}: only torch.nn.Linear .* Remove it from "
-                                        r"`target_modules`"):
+    with pytest.raises(TypeError, match=rf"Target module '{unsupported}' of type {kind} is not supported by InfLoRA: "
+                                        r"only torch.nn.Linear .* Remove it from `target_modules`"):
         get_peft_model(base, InfLoRAConfig(r=2, target_modules=["lin0", unsupported]))
     assert_nothing_lost(before, base)
 

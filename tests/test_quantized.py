@@ -410,7 +410,8 @@ def test_linear_lookalikes_are_refused_naming_module_and_class(make, class_name)
     model = TwoLayers(make())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     short = class_name.rsplit(".", 1)[1]
-    with pytest.raises(TypeError, match=rf"module 'second' of type {short}: only torch\.nn\.Linear.* "
+    with pytest.raises(TypeError, match=rf"module 'second' of type {short} is not supported by InfLoRA: "
+                                        r"only torch\.nn\.Linear.* "
                                         rf"{re.escape(class_name)} is a subclass of torch\.nn\.Linear but not"):
         get_peft_model(model, InfLoRAConfig(r=2, target_modules=["first", "second"]))
     assert type(model.first) is nn.Linear  # refused before the first module was replaced

@@ -161,9 +161,8 @@ class _QuantizedLinear(Linear):
         raise RuntimeError(f"InfLoRA does not fold tasks into a {self.bits}-bit quantized weight: use fold='adapter'.")
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``dW = past_A past_B + A_t B_t`` (``d_out x d_in``, float32)."""
-        delta = self.inflora_A[adapter].detach().float() @ self.inflora_B[adapter].float()
-        return delta + self.inflora_past_A[adapter].float() @ self.inflora_past_B[adapter].float()
+        """``dW = past_A past_B + A_t B_t`` (``d_out x d_in``, float32: the quantized weight has no float dtype)."""
+        return self._merge_delta(adapter)
 
     # ------------------------------------------------------------------ merging
     @torch.no_grad()

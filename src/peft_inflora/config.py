@@ -347,14 +347,14 @@ class InfLoRAConfig(PeftConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
         if self.peft_type not in (None, registry.PEFT_TYPE_NAME):
             raise ValueError(
                 f"peft_type must be {registry.PEFT_TYPE_NAME!r} for InfLoRAConfig, got {self.peft_type!r}: leave it "
                 "unset, InfLoRAConfig fills it in."
             )
+        self._validate()  # before PEFT's own checks (>= 0.22 checks layers_to_transform too, saying less)
+        super().__post_init__()
         self.peft_type = registry.ensure_peft_type()
-        self._validate()
 
     # ------------------------------------------------------------------------------------------------ validation
     def _validate(self) -> None:

@@ -50,7 +50,8 @@ def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
         if isinstance(base, nn.Linear) else ""
     )
     return TypeError(
-        f"InfLoRA cannot adapt module '{key}' of type {cls.__name__}: only torch.nn.Linear and transformers' Conv1D "
+        f"Target module '{key}' of type {cls.__name__} is not supported by InfLoRA: only torch.nn.Linear and "
+        "transformers' Conv1D "
         f"are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from `target_modules` "
         "(or narrow the pattern). Nothing was changed."
     )

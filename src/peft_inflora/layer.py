@@ -245,14 +245,22 @@ class InfLoRALayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """``dW = past_A past_B + A_t B_t`` (``d_out x d_in``, transposed for ``fan_in_fan_out``); with
-        ``fold="base"`` the past is already inside ``W`` and only ``A_t B_t`` is returned."""
+        """``dW = past_A past_B + A_t B_t`` (``d_out x d_in``, transposed for ``fan_in_fan_out``, in the base weight's
+        dtype); with ``fold="base"`` the past is already inside ``W`` and only ``A_t B_t`` is returned."""
+        return self._merge_delta(adapter).to(self.get_base_weight().dtype)
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """What ``merge`` adds to the base weight, ``W' - W`` (PEFT >= 0.22's ``get_additive_delta``): the same
+        ``dW`` as :meth:`get_delta_weight`, in the adapter's dtype (``A_t``'s) instead of the base weight's."""
+        return self._merge_delta(adapter_name).to(self.inflora_A[adapter_name].dtype)
+
+    def _merge_delta(self, adapter: str) -> torch.Tensor:
+        """``dW`` of :meth:`get_delta_weight` in float32, in the base weight's layout."""
         A, B = self.inflora_A[adapter], self.inflora_B[adapter]
-        dtype = self.get_base_weight().dtype
-        delta = A.to(torch.float32) @ B.to(torch.float32)
+        delta = A.detach().to(torch.float32) @ B.to(torch.float32)
         if self.fold[adapter] == "adapter":
             delta = delta + self.inflora_past_A[adapter].float() @ self.inflora_past_B[adapter].float()
-        return transpose(delta, self.fan_in_fan_out).to(dtype)
+        return transpose(delta, self.fan_in_fan_out)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)

@@ -344,6 +344,16 @@ class InfLoRAModel(AdapterFileMixin, BaseTuner):
         return interference_report(groups, layers, name)
 
     # ------------------------------------------------------------------ export
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``adapter_name`` can be converted to LoRA now (PEFT's question, a bool): its finished tasks are
+        finite and no task is in progress. PEFT's ``convert_to_lora`` asks each layer instead, which raises saying
+        why not (as :meth:`to_lora` does)."""
+        layers = [m for m in self.model.modules() if isinstance(m, InfLoRALayer) and adapter_name in m.inflora_A]
+        try:
+            return bool(layers) and all(layer.supports_lora_conversion(adapter_name) for layer in layers)
+        except (TaskLifecycleError, ValueError):
+            return False
+
     def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None,
                 rank: Optional[Union[int, float]] = None, adapter_name: Optional[str] = None,
                 overwrite: bool = False) -> LoraExport:
