@@ -219,6 +219,29 @@ def test_deepspeed_zero3_with_the_default_cosine_head_and_alignment_like_one_pro
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
+def test_deepspeed_zero3_with_class_statistics_from_an_extra_pass_like_one_process(tmp_path):
+    """``class_statistics_source="extra_pass"``: after each task the alignment's class statistics come from one more
+    eval-mode pass over the task's batches, each process its own, through the partitioned model (the engine's
+    gathering hooks), summed over processes; the aligned head and the adapter then equal one process's."""
+    single = tmp_path / "single"
+    _run("single", single, processes=1, CLASS_STATISTICS_SOURCE="extra_pass")
+    _run("zero3", tmp_path, CLASS_STATISTICS_SOURCE="extra_pass")
+    r0, r1 = load_file(tmp_path / "final-rank0.safetensors"), load_file(tmp_path / "final-rank1.safetensors")
+    one = load_file(single / "final-rank0.safetensors")
+    assert r0.keys() == r1.keys() == one.keys()
+    for key in one:
+        assert torch.equal(r0[key], r1[key]), key
+        torch.testing.assert_close(r0[key], one[key], atol=2e-3 if "classifier" in key else 1e-5, rtol=0, msg=key)
+    assert _record(tmp_path, 0)["accuracy_matrix"] == _record(single, 0)["accuracy_matrix"]
+    statistics = load_file(tmp_path / "run" / "continual" / "after-task-02" / "class_statistics.safetensors")
+    reference = load_file(single / "run" / "continual" / "after-task-02" / "class_statistics.safetensors")
+    assert torch.equal(statistics["counts"], reference["counts"])  # every example once, over both processes
+    torch.testing.assert_close(statistics["means"], reference["means"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
 def test_deepspeed_zero3_run_killed_after_a_task_resumes_to_the_same_adapter(tmp_path, one_process):
     _run("zero3", tmp_path, STOP_AFTER_TASK="1")  # ends both processes (os._exit) after checkpoint 1
     continual = tmp_path / "run" / "continual"

@@ -27,6 +27,8 @@ Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or 
 checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``HEAD_LOGITS``
 sets ``head_logits`` (default ``"linear"``: a linear head aligned by its new rows, whose old rows must stay bit for
 bit; ``"auto"`` is the class-incremental default, a cosine head with every row re-fitted).
+``CLASS_STATISTICS_SOURCE`` sets ``class_statistics_source`` (default ``"last_epoch"``; ``"extra_pass"`` reads the
+task's batches once more after training, through the partitioned model under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -132,7 +134,8 @@ def main(mode: str, out: str) -> None:
 
     def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
         return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
-                             weight_decay=0.1, head_logits=os.environ.get("HEAD_LOGITS", "linear"), **extra)
+                             weight_decay=0.1, head_logits=os.environ.get("HEAD_LOGITS", "linear"),
+                             class_statistics_source=os.environ.get("CLASS_STATISTICS_SOURCE", "last_epoch"), **extra)
 
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
