@@ -332,7 +332,7 @@ def test_a_task_resumed_inside_its_last_epoch_reads_its_class_statistics_in_one_
     task_2 = statistics["tasks"] == 1
     assert statistics["counts"][task_2].sum() == 48 == straight["counts"][task_2].sum()  # every example, once
     assert torch.equal(statistics["counts"], straight["counts"])
-    assert not torch.equal(statistics["means"][task_2], straight["means"][task_2])  # eval mode (no dropout)
+    assert not torch.equal(statistics["means"][task_2], straight["means"][task_2])  # the trained model, read after
     result = json.loads((tmp_path / "continual_result.json").read_text())
     assert [len(row) for row in result["accuracy_matrix"]] == [1, 2, 3]
 
