@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 
 import peft_inflora.continual.head_alignment as head_alignment  # noqa: E402
+import peft_inflora.continual.heads as heads  # noqa: E402
 import peft_inflora.continual.loop as loop  # noqa: E402
 import peft_inflora.continual.task_evaluation as task_evaluation  # noqa: E402
 from peft_inflora import ContinualTrainer  # noqa: E402
@@ -39,7 +40,7 @@ class InjectedFailure(RuntimeError):
 def main(out: str) -> None:
     rank = int(os.environ["RANK"])
     real_accuracy, real_save = task_evaluation.classification_accuracy, loop.save_after_task
-    real_grown_head, real_align = loop.grown_head, head_alignment.align_classifier
+    real_grown_head, real_align = heads.grown_head, head_alignment.align_classifier
     for case in CASES:
         seen = {}
         class Trainer(ContinualTrainer):
@@ -70,7 +71,7 @@ def main(out: str) -> None:
             return real_align(head, statistics, **kwargs)
 
         task_evaluation.classification_accuracy, loop.save_after_task = accuracy, save
-        loop.grown_head, head_alignment.align_classifier = grown_head, align
+        heads.grown_head, head_alignment.align_classifier = grown_head, align
         model = inflora_bert(statistics_max_tokens=None)
         args = training_args(os.path.join(out, case), num_train_epochs=1, ddp_backend="gloo", ddp_timeout=120)
         trainer = Trainer(model=model, args=args)
@@ -89,7 +90,7 @@ def main(out: str) -> None:
         with open(os.path.join(out, f"{case}-rank{rank}.json"), "w") as f:
             json.dump(record, f)
     task_evaluation.classification_accuracy, loop.save_after_task = real_accuracy, real_save
-    loop.grown_head, head_alignment.align_classifier = real_grown_head, real_align
+    heads.grown_head, head_alignment.align_classifier = real_grown_head, real_align
 
 
 if __name__ == "__main__":

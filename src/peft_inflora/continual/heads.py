@@ -18,8 +18,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers import TrainerCallback
 
+from ..distributed import agree
 from .arguments import ContinualTask
-from .zero3 import gathered
+from .zero3 import gathered, head_parameters
 
 
 ClassRange = tuple[int, int]  # [lo, hi) of one task's global labels
@@ -250,6 +251,17 @@ class HeadLossMixin:
     """The Trainer hooks of a class-incremental head (mixed into :class:`~.loop.ContinualMixin`): the loss over the
     task's classes, and the frozen rows restored by a :class:`RestoreFrozenHeadRows` callback that the trainer adds.
     The trainer sets ``_task_classes`` and ``_frozen_head`` while a task trains."""
+
+    def _begin_head(self, peft_model: PeftModel, classes: ClassRange, index: int) -> None:
+        """Grow the head to the task's classes and snapshot its other rows (restored after every optimizer step).
+        Compute, agree, commit: both are computed on every process (ZeRO-3: on the gathered head), the processes
+        agree, and only then is the grown head installed; when one process fails, none changed anything."""
+        with gathered(head_parameters(peft_model)), agree(f"head of task {index + 1} (growth, frozen rows)"):
+            grown = grown_head(peft_model, classes[1], self.args.seed)
+            head = grown[peft_model.active_adapter] if grown else find_head(peft_model)[1]  # find_head's, grown
+            frozen = FrozenHeadRows(head, classes)
+        install_head(peft_model, grown, classes[1])
+        self._task_classes, self._frozen_head = classes, frozen
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -33,7 +33,7 @@ from . import zero3
 from .arguments import ContinualArguments, ContinualTask, ContinualTrainingArguments, task_record
 from .capacity import report_capacity
 from .card import CardLocation
-from .checkpoint import SequenceSoFar, mid_task_checkpoint, save_after_task, task_run_dir
+from .checkpoint import mid_task_checkpoint, save_after_task, task_run_dir
 from .evaluation import AnswerMetric, TaskMetric
 from .head_alignment import HeadAlignment
 from .heads import (
@@ -44,17 +44,14 @@ from .heads import (
     RestoreFrozenHeadRows,
     check_local_labels,
     find_head,
-    grown_head,
-    install_head,
     num_task_classes,
-    to_global_labels,
 )
 from .hub import HubMixin, task_revision_names
 from .result import ContinualResult
 from .sequence import SequenceMixin
 from .sharding import FSDPPluginMixin, check_sharding, is_fsdp2_sharded
 from .task_evaluation import TaskEvaluationMixin
-from .zero3 import adapter_file_parameters, gathered, head_parameters, take_whole_adapter
+from .zero3 import adapter_file_parameters, gathered, take_whole_adapter
 
 
 __all__ = ["ContinualCallback", "ContinualMixin"]
@@ -265,42 +262,6 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
 
     # ------------------------------------------------------------------ the sequence so far
 
-    def _check_task_data(self, task: ContinualTask) -> None:
-        self.task_metric(task)  # a metric that does not load fails here, before anything changes
-        if task.train_dataset is None:
-            raise ValueError(f"Task '{task.name}' has no train_dataset.")
-        if task.eval_dataset is None:
-            raise ValueError(f"Task '{task.name}' has no eval_dataset: every task needs test data for the accuracy "
-                             "matrix.")
-        if not self._classification:
-            if self.processing_class is None:
-                raise ValueError("Generation evaluation needs the tokenizer: pass processing_class=tokenizer.")
-            self.check_generation_eval_dataset(task)
-
-    def _prepare_task(self, task: ContinualTask, sequence: SequenceSoFar) -> tuple[Any, Any, Optional[ClassRange]]:
-        """Check the next task against the sequence and give its (train, eval) data and class range."""
-        names = [t.name for t in sequence.tasks]
-        if task.name in names:
-            raise ValueError(f"Task names must be unique: '{task.name}' is already learned ({names}).")
-        self._check_task_data(task)
-        if self.args.push_task_revisions:
-            task_revision_names(names + [task.name])
-        if not self._classification:
-            return self.prepare_train_dataset(task.train_dataset, task), task.eval_dataset, None
-        self._head_alignment.check_head(find_head(self.peft_model)[1])
-        lo = sequence.class_ranges[-1][1] if sequence.class_ranges else 0
-        classes = (lo, lo + num_task_classes(task))
-        train_dataset = to_global_labels(task.train_dataset, classes, task.name)
-        return self.prepare_train_dataset(train_dataset, task), to_global_labels(task.eval_dataset, classes,
-                                                                                 task.name), classes
-
-    # ------------------------------------------------------------------ hooks for subclasses
-    def prepare_train_dataset(self, dataset: Any, task: ContinualTask) -> Any:
-        """The task's training data as this trainer trains on it (default: as given; classification: with global
-        labels already). A trainer that prepares data in ``__init__`` (TRL's ``SFTTrainer`` tokenizes
-        conversations) overrides this to prepare each task's data the same way. Called before anything changes."""
-        return dataset
-
     # ------------------------------------------------------------------ one task
     def _learn(self, task: ContinualTask, train_dataset: Any, eval_dataset: Any, classes: Optional[ClassRange],
                resume: bool = False) -> None:
@@ -406,17 +367,6 @@ class ContinualMixin(FSDPPluginMixin, SequenceMixin, TaskEvaluationMixin, HeadLo
                 self._push_task_revision(index + 1, task.name, task_revision_names(names)[index])
                 if self._planned_names is None:  # train_task on its own: main follows the latest task
                     self._push_sequence_end()
-
-    def _begin_head(self, peft_model: PeftModel, classes: ClassRange, index: int) -> None:
-        """Grow the head to the task's classes and snapshot its other rows (restored after every optimizer step).
-        Compute, agree, commit: both are computed on every process (ZeRO-3: on the gathered head), the processes
-        agree, and only then is the grown head installed; when one process fails, none changed anything."""
-        with gathered(head_parameters(peft_model)), agree(f"head of task {index + 1} (growth, frozen rows)"):
-            grown = grown_head(peft_model, classes[1], self.args.seed)
-            head = grown[peft_model.active_adapter] if grown else find_head(peft_model)[1]  # find_head's, grown
-            frozen = FrozenHeadRows(head, classes)
-        install_head(peft_model, grown, classes[1])
-        self._task_classes, self._frozen_head = classes, frozen
 
     def _complete_checkpoint(self, folder: Any) -> None:
         """What a ``continual/after-task-NN`` holds besides the adapter and the result: the processing class and

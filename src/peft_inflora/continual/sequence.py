@@ -1,6 +1,7 @@
 """The sequence learned so far, for the continual trainers: found (trainer memory, a downloaded adapter plus its
 result, or ``output_dir``'s last ``continual/after-task-NN``), checked, then adopted, together with the class
-statistics that classifier alignment needs for the classes already learned.
+statistics that classifier alignment needs for the classes already learned; and the next task checked against it
+(its data, its class range, ``prepare_train_dataset``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any, Optional, Union
 from .arguments import ContinualTask
 from .checkpoint import SequenceSoFar, load_adapter_state, resolve_sequence
 from .head_alignment import CLASS_STATISTICS_FILE, load_class_statistics
-from .heads import ensure_head_size
+from .heads import ClassRange, ensure_head_size, find_head, num_task_classes, to_global_labels
+from .revisions import task_revision_names
 
 
 __all__ = ["SequenceMixin"]
@@ -96,3 +98,40 @@ class SequenceMixin:
             peft_type = self.peft_model.peft_config[self.peft_model.active_adapter].peft_type
             method = f"sequential {getattr(peft_type, 'value', peft_type)}"
         return {"setting": self.args.setting, "method": method, "continual_arguments": self.args.continual_dict()}
+
+    # ------------------------------------------------------------------ the next task
+    def _check_task_data(self, task: ContinualTask) -> None:
+        self.task_metric(task)  # a metric that does not load fails here, before anything changes
+        if task.train_dataset is None:
+            raise ValueError(f"Task '{task.name}' has no train_dataset.")
+        if task.eval_dataset is None:
+            raise ValueError(f"Task '{task.name}' has no eval_dataset: every task needs test data for the accuracy "
+                             "matrix.")
+        if not self._classification:
+            if self.processing_class is None:
+                raise ValueError("Generation evaluation needs the tokenizer: pass processing_class=tokenizer.")
+            self.check_generation_eval_dataset(task)
+
+    def _prepare_task(self, task: ContinualTask, sequence: SequenceSoFar) -> tuple[Any, Any, Optional[ClassRange]]:
+        """Check the next task against the sequence and give its (train, eval) data and class range."""
+        names = [t.name for t in sequence.tasks]
+        if task.name in names:
+            raise ValueError(f"Task names must be unique: '{task.name}' is already learned ({names}).")
+        self._check_task_data(task)
+        if self.args.push_task_revisions:
+            task_revision_names(names + [task.name])
+        if not self._classification:
+            return self.prepare_train_dataset(task.train_dataset, task), task.eval_dataset, None
+        self._head_alignment.check_head(find_head(self.peft_model)[1])
+        lo = sequence.class_ranges[-1][1] if sequence.class_ranges else 0
+        classes = (lo, lo + num_task_classes(task))
+        train_dataset = to_global_labels(task.train_dataset, classes, task.name)
+        return self.prepare_train_dataset(train_dataset, task), to_global_labels(task.eval_dataset, classes,
+                                                                                 task.name), classes
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def prepare_train_dataset(self, dataset: Any, task: ContinualTask) -> Any:
+        """The task's training data as this trainer trains on it (default: as given; classification: with global
+        labels already). A trainer that prepares data in ``__init__`` (TRL's ``SFTTrainer`` tokenizes
+        conversations) overrides this to prepare each task's data the same way. Called before anything changes."""
+        return dataset
