@@ -28,24 +28,19 @@ train in bf16 (``bf16=True``, ``"bf16": {"enabled": "auto"}`` in the DeepSpeed c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
-
-import torch
-from safetensors.torch import save_file
 
 
 sys.path.insert(0, os.path.dirname(__file__))
 import datasets  # noqa: E402
-import peft.peft_model  # noqa: E402
 import transformers.generation.utils  # noqa: E402
 from chat_tokenizer import chat_tokenizer  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from stop_callbacks import FirstSteps, StopAfter, StopAtStep  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 from transformers import DataCollatorForSeq2Seq  # noqa: E402
+from worker_records import counted_adapter_writes, train_and_record, write_records  # noqa: E402
 
 import peft_inflora.continual.task_evaluation  # noqa: E402
 from peft_inflora import (  # noqa: E402
@@ -56,7 +51,6 @@ from peft_inflora import (  # noqa: E402
     InfLoRAConfig,
     tokenize_instruction_dataset,
 )
-from peft_inflora.continual.zero3 import gathered  # noqa: E402
 
 
 MODES = ("sft_single", "sft_zero2", "sft_zero3", "trainer_single", "trainer_zero2", "trainer_zero3")
@@ -143,7 +137,6 @@ def main(mode: str, out: str) -> None:
     if mode not in MODES:
         raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
     os.makedirs(out, exist_ok=True)
-    rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {}
     if not mode.endswith("single"):
@@ -194,37 +187,13 @@ def main(mode: str, out: str) -> None:
     generations: list = []
     spy_on_generation(generations)
 
-    writes: list[str] = []
-    real_save_file = peft.peft_model.safe_save_file
-
-    def counting_save_file(tensors, filename, *a, **kw):
-        writes.append(os.path.basename(filename))
-        return real_save_file(tensors, filename, *a, **kw)
-
-    peft.peft_model.safe_save_file = counting_save_file
-    try:
-        result = trainer.train_continual(sequence, resume_from_checkpoint=bool(os.environ.get("RESUME")))
-        record = {"accuracy_matrix": result.accuracy_matrix, "error": None}
-    except Exception as err:  # recorded for the test
-        traceback.print_exc()
-        record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
-                  "task_in_progress": model.task_in_progress()}
-    finally:
-        peft.peft_model.safe_save_file = real_save_file
+    with counted_adapter_writes() as writes:
+        record = train_and_record(trainer, sequence, model)
     record["generations"] = generations
     record["first_steps"] = first_steps.steps
     if probe is not None:
         record["partitioned"] = probe.records
-    with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
-        json.dump(record, f)
-    with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
-        json.dump(writes, f)
-    with gathered(model.parameters()):  # ZeRO-3: whole tensors (a no-op in one process)
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items() if "inflora" in k}
-    save_file(state, os.path.join(out, f"final-rank{rank}.safetensors"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
+    write_records(out, record, writes, model, keep=lambda key: "inflora" in key)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])

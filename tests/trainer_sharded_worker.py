@@ -33,22 +33,18 @@ task's batches once more after training, through the partitioned model under ZeR
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 
 import torch
-from safetensors.torch import save_file
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
 from stop_callbacks import StopAfter  # noqa: E402
+from worker_records import counted_adapter_writes, train_and_record, write_records  # noqa: E402
 
 from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
-from peft_inflora.continual.zero3 import gathered  # noqa: E402
 
 
 MODES = ("single", "zero2", "zero3", "fsdp2", "accelerate_fsdp", "accelerate_launch")
@@ -145,24 +141,10 @@ def main(mode: str, out: str) -> None:
     trainer_ref.append(trainer)
     units = sorted(name for name, m in model.named_modules() if type(m).__name__.startswith("FSDP"))
 
-    writes: list[str] = []
-    real_save_file = peft.peft_model.safe_save_file
-
-    def counting_save_file(tensors, filename, *a, **kw):
-        writes.append(os.path.basename(filename))
-        return real_save_file(tensors, filename, *a, **kw)
-
-    peft.peft_model.safe_save_file = counting_save_file
-    try:
-        result = trainer.train_continual(tasks(SEQUENCE), resume_from_checkpoint=bool(os.environ.get("RESUME")))
-        record = {"accuracy_matrix": result.accuracy_matrix, "error": None, "fsdp_units": units,
-                  "accelerator_fsdp": trainer.is_fsdp_enabled}
-    except Exception as err:  # recorded for the test
-        traceback.print_exc()
-        record = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done(),
-                  "task_in_progress": model.task_in_progress()}
-    finally:
-        peft.peft_model.safe_save_file = real_save_file
+    with counted_adapter_writes() as writes:
+        record = train_and_record(trainer, tasks(SEQUENCE), model)
+    if record["error"] is None:
+        record.update(fsdp_units=units, accelerator_fsdp=trainer.is_fsdp_enabled)
     if probe is not None:
         record["partitioned"] = probe.records
     if mode == "fsdp2":  # a wrap that shards the head too: refused before anything changes
@@ -182,17 +164,7 @@ def main(mode: str, out: str) -> None:
             record["save_steps"] = {"error": None}
         except Exception as err:
             record["save_steps"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done()}
-    with open(os.path.join(out, f"result-rank{rank}.json"), "w") as f:
-        json.dump(record, f)
-    with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
-        json.dump(writes, f)
-    with gathered(model.parameters()):  # ZeRO-3: whole tensors (a no-op in the other modes)
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
-                 if "inflora" in k or "classifier" in k}
-    save_file(state, os.path.join(out, f"final-rank{rank}.safetensors"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
+    write_records(out, record, writes, model, keep=lambda key: "inflora" in key or "classifier" in key)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
