@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-import peft.peft_model  # noqa: E402
 from continual_fixtures import inflora_bert, task_dataset  # noqa: E402
+from worker_records import counted_adapter_writes  # noqa: E402
 
 from peft_inflora.distributed import (  # noqa: E402
     adapter_parameters,
@@ -171,18 +171,8 @@ def main(mode: str, out: str) -> None:
         logits = model(**{k: v for k, v in probe.items() if k != "labels"}).logits
     dump({"logits": logits.detach().cpu().contiguous()}, "logits")
 
-    writes: list[str] = []
-    real_save_file = peft.peft_model.safe_save_file
-
-    def counting_save_file(tensors, filename, *args, **kwargs):
-        writes.append(os.path.basename(filename))
-        return real_save_file(tensors, filename, *args, **kwargs)
-
-    peft.peft_model.safe_save_file = counting_save_file
-    try:
+    with counted_adapter_writes() as writes:
         save_adapter(model, os.path.join(out, "adapter"))
-    finally:
-        peft.peft_model.safe_save_file = real_save_file
     with open(os.path.join(out, f"saves-rank{rank}.json"), "w") as f:
         json.dump(writes, f)
     gathered = full_state_dict(model)

@@ -197,6 +197,23 @@ def test_deepspeed_zero3_trainer_like_one_process(tmp_path, one_process):
     _assert_like_one_process(tmp_path, one_process, head_atol=2e-3)
 
 
+def _zero3_like_one_process_with(tmp_path: Path, head_atol: float, **env: str) -> Path:
+    """The worker with ``env`` in one process (``tmp_path/single``, returned) and under ZeRO-3 (``tmp_path``): both
+    ranks bit-identical, within 1e-5 of one process (the head within ``head_atol``), the same accuracy matrix."""
+    single = tmp_path / "single"
+    _run("single", single, processes=1, **env)
+    _run("zero3", tmp_path, **env)
+    r0, r1 = load_file(tmp_path / "final-rank0.safetensors"), load_file(tmp_path / "final-rank1.safetensors")
+    one = load_file(single / "final-rank0.safetensors")
+    assert r0.keys() == r1.keys() == one.keys()
+    for key in one:
+        assert torch.equal(r0[key], r1[key]), key
+        torch.testing.assert_close(r0[key], one[key], atol=head_atol if "classifier" in key else 1e-5, rtol=0,
+                                   msg=key)
+    assert _record(tmp_path, 0)["accuracy_matrix"] == _record(single, 0)["accuracy_matrix"]
+    return single
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(_missing("deepspeed") is not None, reason=str(_missing("deepspeed")))
@@ -204,16 +221,7 @@ def test_deepspeed_zero3_with_the_default_cosine_head_and_alignment_like_one_pro
     """The class-incremental default (cosine logits while a task trains, every head row re-fitted after it): the
     cosine hook and the alignment read the partitioned head inside the gathers. Measured: at most 1.1e-7 from one
     process (past_A), head 2.4e-7; both ranks bit-identical."""
-    single = tmp_path / "single"
-    _run("single", single, processes=1, HEAD_LOGITS="auto")
-    _run("zero3", tmp_path, HEAD_LOGITS="auto")
-    r0, r1 = load_file(tmp_path / "final-rank0.safetensors"), load_file(tmp_path / "final-rank1.safetensors")
-    one = load_file(single / "final-rank0.safetensors")
-    assert r0.keys() == r1.keys() == one.keys()
-    for key in one:
-        assert torch.equal(r0[key], r1[key]), key
-        torch.testing.assert_close(r0[key], one[key], atol=1e-5, rtol=0, msg=key)
-    assert _record(tmp_path, 0)["accuracy_matrix"] == _record(single, 0)["accuracy_matrix"]
+    _zero3_like_one_process_with(tmp_path, head_atol=1e-5, HEAD_LOGITS="auto")
 
 
 @pytest.mark.slow
@@ -223,16 +231,7 @@ def test_deepspeed_zero3_with_class_statistics_from_an_extra_pass_like_one_proce
     """``class_statistics_source="extra_pass"``: after each task the alignment's class statistics come from one more
     eval-mode pass over the task's batches, each process its own, through the partitioned model (the engine's
     gathering hooks), summed over processes; the aligned head and the adapter then equal one process's."""
-    single = tmp_path / "single"
-    _run("single", single, processes=1, CLASS_STATISTICS_SOURCE="extra_pass")
-    _run("zero3", tmp_path, CLASS_STATISTICS_SOURCE="extra_pass")
-    r0, r1 = load_file(tmp_path / "final-rank0.safetensors"), load_file(tmp_path / "final-rank1.safetensors")
-    one = load_file(single / "final-rank0.safetensors")
-    assert r0.keys() == r1.keys() == one.keys()
-    for key in one:
-        assert torch.equal(r0[key], r1[key]), key
-        torch.testing.assert_close(r0[key], one[key], atol=2e-3 if "classifier" in key else 1e-5, rtol=0, msg=key)
-    assert _record(tmp_path, 0)["accuracy_matrix"] == _record(single, 0)["accuracy_matrix"]
+    single = _zero3_like_one_process_with(tmp_path, head_atol=2e-3, CLASS_STATISTICS_SOURCE="extra_pass")
     statistics = load_file(tmp_path / "run" / "continual" / "after-task-02" / "class_statistics.safetensors")
     reference = load_file(single / "run" / "continual" / "after-task-02" / "class_statistics.safetensors")
     assert torch.equal(statistics["counts"], reference["counts"])  # every example once, over both processes
