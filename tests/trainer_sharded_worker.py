@@ -27,6 +27,7 @@ Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or 
 checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``HEAD_LOGITS``
 sets ``head_logits`` (default ``"linear"``: a linear head aligned by its new rows, whose old rows must stay bit for
 bit; ``"auto"`` is the class-incremental default, a cosine head with every row re-fitted).
+``BASELINE=lora``: a PEFT LoRA model (r=4 on query/value) instead of InfLoRA, the sequential baseline.
 ``CLASS_STATISTICS_SOURCE`` sets ``class_statistics_source`` (default ``"last_epoch"``; ``"extra_pass"`` reads the
 task's batches once more after training, through the partitioned model under ZeRO-3).
 """
@@ -40,7 +41,8 @@ import torch
 
 
 sys.path.insert(0, os.path.dirname(__file__))
-from continual_fixtures import inflora_bert, tasks, training_args  # noqa: E402
+from continual_fixtures import bert, inflora_bert, tasks, training_args  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from stop_callbacks import StopAfter  # noqa: E402
 from worker_records import counted_adapter_writes, train_and_record, write_records  # noqa: E402
 
@@ -76,7 +78,8 @@ class PartitionProbe(ContinualCallback):
         record = {name: {"status": str(getattr(p, "ds_status", None)), "data": p.data.numel(),
                          "whole": getattr(p, "ds_numel", None),
                          "slice": p.ds_tensor.numel() if getattr(p, "ds_tensor", None) is not None else None}
-                  for name, p in (("A_t", layer.inflora_A["default"]), ("head", head.weight),
+                  for name, p in (("A_t", layer.inflora_A["default"] if hasattr(layer, "inflora_A")
+                                   else layer.lora_A["default"].weight), ("head", head.weight),
                                   ("base", layer.base_layer.weight))}
         # the engine's module hooks on a base layer: the same count in every task (the last engine's went)
         record["hooks"] = len(layer.base_layer._forward_pre_hooks) + len(layer.base_layer._forward_hooks)
@@ -108,7 +111,11 @@ def main(mode: str, out: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     extra = {}
-    model = inflora_bert(statistics_max_tokens=None)
+    if os.environ.get("BASELINE") == "lora":  # the sequential-LoRA baseline: the same loop without InfLoRA
+        model = get_peft_model(bert(), LoraConfig(r=4, target_modules=["query", "value"],
+                                                  modules_to_save=["classifier"]))
+    else:
+        model = inflora_bert(statistics_max_tokens=None)
     if mode.startswith("fsdp2"):
         fsdp2_wrap(model)
         extra = dict(ddp_backend="gloo")
@@ -164,7 +171,8 @@ def main(mode: str, out: str) -> None:
             record["save_steps"] = {"error": None}
         except Exception as err:
             record["save_steps"] = {"error": f"{type(err).__name__}: {err}", "tasks_done": model.tasks_done()}
-    write_records(out, record, writes, model, keep=lambda key: "inflora" in key or "classifier" in key)
+    write_records(out, record, writes, model,
+                  keep=lambda key: "inflora" in key or "lora_" in key or "classifier" in key)
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
