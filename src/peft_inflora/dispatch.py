@@ -51,9 +51,8 @@ def _unsupported_module_error(key: str, target: nn.Module) -> TypeError:
     )
     return TypeError(
         f"Target module '{key}' of type {cls.__name__} is not supported by InfLoRA: only torch.nn.Linear and "
-        "transformers' Conv1D "
-        f"are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from `target_modules` "
-        "(or narrow the pattern). Nothing was changed."
+        f"transformers' Conv1D are supported, and bitsandbytes' Linear4bit / Linear8bitLt.{lookalike} Remove it from "
+        "`target_modules` (or narrow the pattern). Nothing was changed."
     )
 
 

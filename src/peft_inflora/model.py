@@ -35,10 +35,11 @@ from .errors import (  # noqa: F401  (SubspaceExhaustedError, SubspaceWarning: i
     SubspaceWarning,
     TaskLifecycleError,
 )
-from .export import LoraExport, check_export_rank, check_save_directory, export_to_lora
+from .export import LoraExport, check_export_rank, check_exportable, check_save_directory, export_to_lora
 from .layer import InfLoRALayer, Linear  # noqa: F401  (Linear: importable from here, as before)
 from .lifecycle import design_groups, update_group_memories
 from .loading import AdapterFileMixin
+from .registry import lora_conversion_installed
 from .reports import LayerCapacity, LayerInterference, capacity_report, interference_report
 from .statistics import InputGroup, collect_statistics
 from .subspace import sketch_size
@@ -348,11 +349,12 @@ class InfLoRAModel(AdapterFileMixin, BaseTuner):
         """Whether ``adapter_name`` can be converted to LoRA now (PEFT's question, a bool): its finished tasks are
         finite and no task is in progress. PEFT's ``convert_to_lora`` asks each layer instead, which raises saying
         why not (as :meth:`to_lora` does)."""
-        layers = [m for m in self.model.modules() if isinstance(m, InfLoRALayer) and adapter_name in m.inflora_A]
         try:
-            return bool(layers) and all(layer.supports_lora_conversion(adapter_name) for layer in layers)
-        except (TaskLifecycleError, ValueError):
+            layers = self.inflora_layers(adapter_name)
+            check_exportable(layers, adapter_name)  # to_lora's check, once for all layers
+        except (TaskLifecycleError, ValueError):  # an unknown adapter, a task in progress, none finished, NaN
             return False
+        return bool(layers) and lora_conversion_installed()
 
     def to_lora(self, save_directory: Optional[Union[str, os.PathLike]] = None,
                 rank: Optional[Union[int, float]] = None, adapter_name: Optional[str] = None,
