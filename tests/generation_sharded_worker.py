@@ -10,8 +10,7 @@ with ``setting="generation"`` on the same tasks as prompt/answer pairs (``tokeni
 
 ``*_zero3``: ``TrainingArguments(deepspeed=<config>)`` with ``"zero_optimization": {"stage": 3,
 "stage3_param_persistence_threshold": 0}`` (every parameter partitioned, however small), DeepSpeed's CPU accelerator
-over gloo; the state made first as in ``trainer_sharded_worker.py`` (``PartialState(backend="gloo")`` with
-``ACCELERATE_USE_DEEPSPEED=true``, ``accelerator_config={"use_configured_state": True}``). A probe records what each
+over gloo, the state made first (``deepspeed_cpu.py``). A probe records what each
 process holds of an ``A_t`` and a base weight after the first optimizer step of each task (``partitioned``), and a
 spy on the evaluation's ``generate_answers`` what each process generated (``generations``: the number of prompts,
 the answers, the ``synced_gpus`` that ``generate`` ran with).
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import datasets  # noqa: E402
 import transformers.generation.utils  # noqa: E402
 from chat_tokenizer import chat_tokenizer  # noqa: E402
+from deepspeed_cpu import deepspeed_arguments  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from stop_callbacks import FirstSteps, StopAfter, StopAtStep  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
@@ -65,18 +65,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 BF16 = bool(os.environ.get("BF16"))  # SFT: bf16 training (DeepSpeed's bf16 on its CPU accelerator)
-
-
-def deepspeed_config(stage: int) -> dict:
-    """ZeRO-``stage``; ZeRO-3 with every parameter partitioned (by default those under 1e5 elements stay whole); the
-    optimizer in the config (the Trainer's is Accelerate's ``DummyOptim``)."""
-    zero = {"stage": stage}
-    if stage == 3:
-        zero["stage3_param_persistence_threshold"] = 0
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
-            "bf16": {"enabled": "auto"}}
 
 
 def sft_tasks() -> list[ContinualTask]:
@@ -138,19 +126,13 @@ def main(mode: str, out: str) -> None:
         raise SystemExit(f"MODE must be one of {MODES}, got {mode!r}")
     os.makedirs(out, exist_ok=True)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    extra = {}
     if not mode.endswith("single"):
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
+        extra = deepspeed_arguments(int(mode[-1]))
         if BF16:  # transformers allows bf16 only on GPUs or with use_cpu=True, which would start DeepSpeed without
             # gloo; DeepSpeed's CPU accelerator runs bf16
             import transformers.training_args
 
             transformers.training_args.is_torch_bf16_gpu_available = lambda: True
-        extra = dict(use_cpu=False, deepspeed=deepspeed_config(int(mode[-1])),
-                     accelerator_config={"use_configured_state": True})
     else:
         extra = dict(use_cpu=True)
     tok = chat_tokenizer()

@@ -16,10 +16,8 @@ MODE ``zero2`` / ``zero3``: ``ContinualTrainer`` with ``TrainingArguments(deepsp
 accelerator, gloo; ZeRO-3 with ``stage3_param_persistence_threshold: 0``, so every parameter is partitioned, and a
 probe recording what each process holds of ``A_t``, the head and a base weight after the first step of each task:
 ``partitioned`` in the result). Accelerate starts DeepSpeed without a communication backend when no GPU is
-present, so it would count one process: the worker makes the state itself, ``PartialState(backend="gloo")`` with
-``ACCELERATE_USE_DEEPSPEED=true`` (what ``accelerate launch --use_deepspeed`` sets), and the Trainer uses it
-(``accelerator_config={"use_configured_state": True}``). The DeepSpeed config holds the optimizer, so the Trainer's
-optimizer is Accelerate's ``DummyOptim``.
+present, so it would count one process: the worker makes the state itself (``deepspeed_cpu.py``). The DeepSpeed
+config holds the optimizer, so the Trainer's optimizer is Accelerate's ``DummyOptim``.
 
 Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
 (every InfLoRA and head tensor), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
@@ -42,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from continual_fixtures import bert, inflora_bert, tasks, training_args  # noqa: E402
+from deepspeed_cpu import deepspeed_arguments  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from stop_callbacks import StopAfter  # noqa: E402
 from worker_records import counted_adapter_writes, train_and_record, write_records  # noqa: E402
@@ -51,15 +50,6 @@ from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
 
 MODES = ("single", "zero2", "zero3", "fsdp2", "accelerate_fsdp", "accelerate_launch")
 SEQUENCE = (2, 3)
-
-
-def deepspeed_config(stage: int) -> dict:
-    zero = {"stage": stage}
-    if stage == 3:  # partition every parameter, however small (by default those under 1e5 elements stay whole)
-        zero["stage3_param_persistence_threshold"] = 0
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
-            "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
 
 
 class PartitionProbe(ContinualCallback):
@@ -128,12 +118,7 @@ def main(mode: str, out: str) -> None:
                 for p in model.parameters():
                     p.normal_()
     elif mode != "single":
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
-        extra = dict(use_cpu=False, deepspeed=deepspeed_config(int(mode[-1])),
-                     accelerator_config={"use_configured_state": True})
+        extra = deepspeed_arguments(int(mode[-1]))
 
     def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
         return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
