@@ -13,14 +13,14 @@ import os
 
 def deepspeed_config(stage: int) -> dict:
     """ZeRO-``stage``; ZeRO-3 with every parameter partitioned, however small (by default those under 1e5 elements
-    stay whole); bf16 as the arguments say."""
+    stay whole); bf16 and fp16 as the arguments say."""
     zero = {"stage": stage}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
     return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": zero,
             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "torch_adam": True}},
-            "bf16": {"enabled": "auto"}}
+            "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}
 
 
 def deepspeed_arguments(stage: int) -> dict:

@@ -22,7 +22,8 @@ ends the process after step s of task k; ``first_steps`` in the result: the glob
 optimizer step in this process. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
 checkpoint of task k, like a killed job; ``RESUME=1`` continues the sequence from ``OUT/run``. ``GEN_BATCH`` sets
 ``per_device_eval_batch_size`` (default 4: two generate calls per task of 6 prompts). ``BF16=1``: the SFT modes
-train in bf16 (``bf16=True``, ``"bf16": {"enabled": "auto"}`` in the DeepSpeed config).
+train in bf16 (``bf16=True``, ``"bf16": {"enabled": "auto"}`` in the DeepSpeed config); ``FP16=1`` in fp16 the same
+way (DeepSpeed's fp16 optimizer with dynamic loss scaling).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 BF16 = bool(os.environ.get("BF16"))  # SFT: bf16 training (DeepSpeed's bf16 on its CPU accelerator)
+FP16 = bool(os.environ.get("FP16"))  # SFT: fp16 training (DeepSpeed's fp16 with dynamic loss scaling)
 
 
 def sft_tasks() -> list[ContinualTask]:
@@ -157,7 +159,7 @@ def main(mode: str, out: str) -> None:
     if mode.startswith("sft"):
         from peft_inflora.trl import ContinualSFTConfig, ContinualSFTTrainer
 
-        args = ContinualSFTConfig(max_length=32, bf16=BF16, **common)
+        args = ContinualSFTConfig(max_length=32, bf16=BF16, fp16=FP16, **common)
         trainer = ContinualSFTTrainer(model=model, args=args, processing_class=tok, callbacks=callbacks)
         sequence = sft_tasks()
     else:
