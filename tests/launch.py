@@ -26,17 +26,19 @@ def worker_env(**env: str) -> dict:
         [str(HERE), str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]))
 
 
-def torchrun(processes: int = 2) -> list[str]:
-    """The command that starts ``processes`` processes on this machine (one: plain ``python``)."""
-    if processes == 1:
+def torchrun(processes: int = 2, launcher: bool = False) -> list[str]:
+    """The command that starts ``processes`` processes on this machine (one: plain ``python``, unless ``launcher``:
+    then ``torch.distributed.run`` starts it, a world of one, as ``torchrun`` on a one-GPU machine does)."""
+    if processes == 1 and not launcher:
         return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
 
 
-def run_worker(worker: str, *args: object, processes: int = 2, timeout: float = 300, **env: str) -> None:
-    """Run ``tests/<worker>`` with ``args`` in ``processes`` processes; fail the test (with the end of stderr) unless
-    it exits 0 within ``timeout`` seconds."""
-    run = subprocess.run(torchrun(processes) + [str(HERE / worker)] + [str(a) for a in args], capture_output=True,
-                         text=True, timeout=timeout, env=worker_env(**env))
+def run_worker(worker: str, *args: object, processes: int = 2, launcher: bool = False, timeout: float = 300,
+               **env: str) -> None:
+    """Run ``tests/<worker>`` with ``args`` in ``processes`` processes (``launcher``: see ``torchrun``); fail the test
+    (with the end of stderr) unless it exits 0 within ``timeout`` seconds."""
+    run = subprocess.run(torchrun(processes, launcher) + [str(HERE / worker)] + [str(a) for a in args],
+                         capture_output=True, text=True, timeout=timeout, env=worker_env(**env))
     assert run.returncode == 0, run.stderr[-4000:]

@@ -28,7 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import CommitInfo, GitRefInfo, GitRefs, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from peft import PeftModel
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from peft_inflora import ContinualCallback, ContinualResult, ContinualTask, ContinualTrainer
 from peft_inflora.continual.hub import HubPushError, task_revision_name, task_revision_names, task_revisions
@@ -68,7 +68,7 @@ class FakeHub:
         if main.exists() and not exist_ok:
             raise FileExistsError(f"409: {repo_id} exists")
         main.mkdir(parents=True, exist_ok=True)
-        self.calls.append(("create_repo", repo_id))
+        self.calls.append(("create_repo", repo_id, kwargs.get("private")))
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def create_branch(self, api, repo_id, *, branch, revision=None, exist_ok=False, **kwargs):
@@ -225,7 +225,7 @@ def pushed_run(hub, tmp_path_factory):
 
 
 def test_one_branch_per_task_created_from_main_and_main_pushed_last(hub, pushed_run):
-    assert hub.calls_for("me/seq", "create_repo") == [("create_repo", "me/seq")]
+    assert hub.calls_for("me/seq", "create_repo") == [("create_repo", "me/seq", None)]
     assert hub.calls_for("me/seq", "create_branch") == [("create_branch", "me/seq", b, None) for b in BRANCHES]
     uploads = hub.calls_for("me/seq", "upload")
     assert [u[2] for u in uploads] == BRANCHES + ["main"]
@@ -312,6 +312,28 @@ def test_only_the_main_process_uploads(hub, tmp_path, monkeypatch):
     result = trainer.train_continual(named_tasks((2,), ["t0"]))
     assert result.num_learned == 1 and trainer.peft_model.tasks_done() == 1
     assert [c for c in hub.calls if c[1] == "me/rank1"] == []
+
+
+def test_push_to_hub_on_a_transformers_whose_init_hf_repo_takes_no_private(hub, tmp_path, monkeypatch):
+    """transformers < 5.23 (``Trainer.init_hf_repo(token)``): ``push_to_hub(private=...)`` other than the arguments'
+    ``hub_private_repo`` is refused before anything is created or uploaded; without it the repository is created
+    as the arguments say and the push goes through."""
+    real = Trainer.init_hf_repo
+
+    def init_hf_repo(self, token=None):  # transformers 5.17's signature
+        real(self, token=token)
+
+    monkeypatch.setattr(ContinualTrainer, "init_hf_repo", init_hf_repo)
+    trainer = ContinualTrainer(model=inflora_bert(), args=training_args(tmp_path, hub_model_id="me/old-transformers",
+                                                                        hub_private_repo=True))
+    with pytest.raises(TypeError, match=r"push_to_hub\(private=...\) needs transformers>=5.23 .* set "
+                                        "hub_private_repo in the training arguments"):
+        trainer.push_to_hub(private=False)
+    assert hub.calls_for("me/old-transformers", "create_repo") == []
+    assert hub.calls_for("me/old-transformers", "upload") == []
+    trainer.push_to_hub(private=True)  # the arguments' value: nothing to pass
+    assert hub.calls_for("me/old-transformers", "create_repo") == [("create_repo", "me/old-transformers", True)]
+    assert "adapter_model.safetensors" in hub.files("me/old-transformers")
 
 
 # ---------------------------------------------------------------------------------------------- bad input

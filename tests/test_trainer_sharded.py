@@ -29,8 +29,8 @@ HERE = Path(__file__).parent
 SEQUENCE = (2, 3)  # the worker's tasks (classes per task)
 
 
-def _run(mode: str, out: Path, processes: int = 2, **env: str) -> None:
-    run_worker("trainer_sharded_worker.py", mode, out, processes=processes, **env)
+def _run(mode: str, out: Path, processes: int = 2, launcher: bool = False, **env: str) -> None:
+    run_worker("trainer_sharded_worker.py", mode, out, processes=processes, launcher=launcher, **env)
 
 
 def _missing(module: str) -> Optional[str]:
@@ -41,6 +41,10 @@ def _missing(module: str) -> Optional[str]:
             from torch.distributed.fsdp import fully_shard  # noqa: F401
         except ImportError as err:
             return f"torch {torch.__version__} has no FSDP2: {err}"
+        try:
+            sharding.check_transformers_for_fsdp2()
+        except ValueError as err:
+            return str(err).split(". ")[0]
     elif importlib.util.find_spec(module) is None:
         return f"{module} is not installed (optional; `pip install deepspeed` runs ZeRO on its CPU accelerator)"
     return None
@@ -58,25 +62,30 @@ def _record(out: Path, rank: int) -> dict:
     return json.loads((out / f"result-rank{rank}.json").read_text())
 
 
-def _assert_like_one_process(two: Path, one: Path, head_atol: float) -> None:
-    """Both ranks hold the same adapter; it equals the one-process run (designs, memory, folded tasks to 1e-5, the
+def _assert_like_one_process(two: Path, one: Path, head_atol: float, processes: int = 2) -> dict[str, float]:
+    """Every rank holds the same adapter; it equals the one-process run (designs, memory, folded tasks to 1e-5, the
     trained head to ``head_atol``); the accuracy matrices are equal; process 0 alone wrote each task's checkpoint,
-    and the last one holds the final adapter with its memory."""
-    r0, r1 = load_file(two / "final-rank0.safetensors"), load_file(two / "final-rank1.safetensors")
-    single = load_file(one / "final-rank0.safetensors")
-    assert r0.keys() == r1.keys() == single.keys()
+    and the last one holds the final adapter with its memory. Returns the largest difference to one process by kind
+    of tensor."""
+    ranks = [load_file(two / f"final-rank{rank}.safetensors") for rank in range(processes)]
+    r0, single = ranks[0], load_file(one / "final-rank0.safetensors")
+    assert all(r.keys() == single.keys() for r in ranks)
     assert any("inflora_memory" in k for k in single) and any("classifier.modules_to_save" in k for k in single)
+    differences: dict[str, float] = {}
     for key in single:
-        assert torch.equal(r0[key], r1[key]), key
+        assert all(torch.equal(r0[key], r[key]) for r in ranks), key
         atol = head_atol if "classifier" in key else 1e-5
         torch.testing.assert_close(r0[key], single[key], atol=atol, rtol=0, msg=key)
+        kind = next((part for part in key.split(".") if part.startswith("inflora_")), "head")
+        if single[key].numel():
+            differences[kind] = max(differences.get(kind, 0.0), (r0[key] - single[key]).abs().max().item())
     past = [v for k, v in single.items() if "inflora_past_A" in k]
     assert past and all(v.abs().max() > 1e-3 for v in past)  # trained away from zero: the comparison means something
-    assert _record(two, 0)["error"] is None and _record(two, 1)["error"] is None
-    assert _record(two, 0)["accuracy_matrix"] == _record(two, 1)["accuracy_matrix"] \
-        == _record(one, 0)["accuracy_matrix"]
+    records = [_record(two, rank) for rank in range(processes)]
+    assert all(record["error"] is None for record in records), records
+    assert all(record["accuracy_matrix"] == _record(one, 0)["accuracy_matrix"] for record in records)
     assert json.loads((two / "saves-rank0.json").read_text()) == ["adapter_model.safetensors"] * 2
-    assert json.loads((two / "saves-rank1.json").read_text()) == []
+    assert all(json.loads((two / f"saves-rank{rank}.json").read_text()) == [] for rank in range(1, processes))
     first = load_file(two / "run" / "continual" / "after-task-01" / "adapter_model.safetensors")
     head = "base_model.model.classifier.modules_to_save.default.weight"
     assert torch.equal(r0[head][:2], first["base_model.model.classifier.weight"])  # task 1's rows frozen bit for bit
@@ -85,6 +94,7 @@ def _assert_like_one_process(two: Path, one: Path, head_atol: float) -> None:
     for key, tensor in r0.items():  # the last checkpoint loads back to exactly the trained adapter
         if "original_module" not in key:  # the base model's own head is not in the adapter
             assert torch.equal(state[key], tensor), key
+    return differences
 
 
 @pytest.mark.slow
@@ -118,6 +128,30 @@ def test_accelerate_fsdp_settings_are_applied_by_the_trainer_and_train_like_one_
         assert record["fsdp_units"] == ["base_model.model", "base_model.model.bert.embeddings",
                                         "base_model.model.bert.encoder.layer.0",
                                         "base_model.model.bert.encoder.layer.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_accelerate_fsdp_with_one_process_per_device_trains_like_the_same_device_without_fsdp(tmp_path, device):
+    """``TrainingArguments(fsdp=True)`` launched by ``torchrun``, one process per device: on a GPU machine (NCCL) this
+    is Accelerate's FSDP set-up for real, which on CPUs it never makes. It trains like one process on the same device
+    without FSDP. On CPU: one process over gloo. On the GPU machine: every GPU (the one lent here has one), run by
+    ``benchmarks/gpu_session.sh``; the differences it prints are the figures in docs/gpu.md."""
+    processes = torch.cuda.device_count() if device == "cuda" else 1
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    _run("single", one, processes=1, DEVICE=device)
+    _run("accelerate_fsdp", fsdp, processes=processes, launcher=True, DEVICE=device)
+    differences = _assert_like_one_process(fsdp, one, head_atol=1e-5, processes=processes)
+    record = _record(fsdp, 0)
+    assert record["device"].startswith(device) and _record(one, 0)["device"].startswith(device)
+    assert record["accelerator_fsdp"] is False  # the trainer applied the plugin's settings itself
+    assert record["fsdp_units"] == ["base_model.model", "base_model.model.bert.embeddings",
+                                    "base_model.model.bert.encoder.layer.0", "base_model.model.bert.encoder.layer.1"]
+    print(f"\n{device} x {processes}, {record['distributed_type']}: max abs vs one process without FSDP "
+          + json.dumps(differences))
 
 
 @pytest.mark.slow
@@ -385,6 +419,30 @@ def test_fsdp_settings_the_loop_cannot_follow_are_refused_when_the_trainer_is_ma
     assert not sharding.is_fsdp2_sharded(model) and not (tmp_path / "run").exists()
 
 
+def test_fsdp_with_a_transformers_that_would_wrap_the_sharded_model_in_ddp_is_refused(tmp_path, monkeypatch):
+    """transformers < 5.19 wraps an FSDP2-sharded model in DDP (its broadcast fails on the DTensors: seen with 5.17):
+    Accelerate's FSDP settings are refused when the trainer is made, before the model is sharded, and a model
+    sharded before the trainer when training starts, before anything is trained."""
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    model = inflora_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = training_args(tmp_path / "run", fsdp=True)
+    plugin_args = dict(args.fsdp_plugin_args)
+    with pytest.raises(ValueError, match=r"needs transformers>=5\.19 \(installed: 5\.17\.0\).*Nothing was changed"):
+        ContinualTrainer(model=model, args=args)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not sharding.is_fsdp2_sharded(model) and args.fsdp_plugin_args == plugin_args
+
+    trainer = ContinualTrainer(model=model, args=training_args(tmp_path / "run"))
+    monkeypatch.setattr(sharding, "is_fsdp2_sharded", lambda module: True)  # as if fully_shard ran before
+    with pytest.raises(ValueError, match=r"needs transformers>=5\.19"):
+        trainer.train_continual(tasks(SEQUENCE))
+    assert model.tasks_done() == 0 and model.task_in_progress() is False
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_accelerate_launch_fsdp_config_is_read_from_the_environment(tmp_path, monkeypatch):
     """accelerate launch with an FSDP config sets ACCELERATE_USE_FSDP and FSDP_* variables, not the arguments."""
     args = training_args(tmp_path / "run")
@@ -399,6 +457,7 @@ def test_accelerate_launch_fsdp_config_is_read_from_the_environment(tmp_path, mo
         ContinualTrainer(model=inflora_bert(), args=args)
 
 
+@pytest.mark.skipif(_missing("fsdp2") is not None, reason=str(_missing("fsdp2")))
 def test_the_fsdp_request_is_given_back_to_the_arguments_and_environment_when_the_trainer_fails(tmp_path,
                                                                                               monkeypatch):
     """One process: the Trainer itself refuses fsdp outside distributed training, after the continual trainer kept

@@ -19,6 +19,9 @@ probe recording what each process holds of ``A_t``, the head and a base weight a
 present, so it would count one process: the worker makes the state itself (``deepspeed_cpu.py``). The DeepSpeed
 config holds the optimizer, so the Trainer's optimizer is Accelerate's ``DummyOptim``.
 
+``DEVICE=cuda`` (modes ``single`` and ``accelerate_fsdp``): the run on GPUs, NCCL, one process per GPU, where
+Accelerate itself sets ``DistributedType.FSDP`` (the GPU check, ``tests/test_trainer_sharded.py``).
+
 Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
 (every InfLoRA and head tensor), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
 ``output_dir`` in ``OUT/run``. ``STOP_AFTER_TASK=k`` ends the process (``os._exit``, no clean-up) after the
@@ -50,6 +53,8 @@ from peft_inflora import ContinualCallback, ContinualTrainer  # noqa: E402
 
 MODES = ("single", "zero2", "zero3", "fsdp2", "accelerate_fsdp", "accelerate_launch")
 SEQUENCE = (2, 3)
+DEVICE = os.environ.get("DEVICE", "cpu")  # "cuda": the GPU check
+BACKEND = "nccl" if DEVICE == "cuda" else "gloo"
 
 
 class PartitionProbe(ContinualCallback):
@@ -110,7 +115,7 @@ def main(mode: str, out: str) -> None:
         fsdp2_wrap(model)
         extra = dict(ddp_backend="gloo")
     elif mode == "accelerate_fsdp":  # Accelerate's settings, applied by the trainer (blocks: _no_split_modules)
-        extra = dict(ddp_backend="gloo", fsdp=True, fsdp_config={"reshard_after_forward": True})
+        extra = dict(ddp_backend=BACKEND, fsdp=True, fsdp_config={"reshard_after_forward": True})
     elif mode == "accelerate_launch":  # accelerate launch --use_fsdp: the settings come in FSDP_* variables
         extra = dict(ddp_backend="gloo")
         if rank != 0 and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() == "true":
@@ -123,7 +128,8 @@ def main(mode: str, out: str) -> None:
     def make_args(folder: str):  # batches of 8 per step in every mode: 8 on one process, 4 + 4 on two
         return training_args(os.path.join(out, folder), num_train_epochs=2, per_device_train_batch_size=8 // world,
                              weight_decay=0.1, head_logits=os.environ.get("HEAD_LOGITS", "linear"),
-                             class_statistics_source=os.environ.get("CLASS_STATISTICS_SOURCE", "last_epoch"), **extra)
+                             class_statistics_source=os.environ.get("CLASS_STATISTICS_SOURCE", "last_epoch"),
+                             **{"use_cpu": DEVICE == "cpu", **extra})
 
     args = make_args("run")
     callbacks = [StopAfter(int(os.environ["STOP_AFTER_TASK"]))] if os.environ.get("STOP_AFTER_TASK") else []
@@ -136,7 +142,8 @@ def main(mode: str, out: str) -> None:
     with counted_adapter_writes() as writes:
         record = train_and_record(trainer, tasks(SEQUENCE), model)
     if record["error"] is None:
-        record.update(fsdp_units=units, accelerator_fsdp=trainer.is_fsdp_enabled)
+        record.update(fsdp_units=units, accelerator_fsdp=trainer.is_fsdp_enabled,
+                      distributed_type=str(trainer.accelerator.distributed_type), device=str(trainer.args.device))
     if probe is not None:
         record["partitioned"] = probe.records
     if mode == "fsdp2":  # a wrap that shards the head too: refused before anything changes

@@ -23,6 +23,7 @@ pushes); the card itself is :mod:`.card`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -205,12 +206,18 @@ class HubMixin:
         ``continual/`` go to the Hub as ``hub_strategy`` says, after each task (see :meth:`_push_after_task`)."""
         from huggingface_hub import HfApi
 
+        accepts_private = "private" in inspect.signature(self.init_hf_repo).parameters  # transformers >= 5.23
+        if self.hub_model_id is None and private not in (None, self.args.hub_private_repo) and not accepts_private:
+            raise TypeError(
+                f"push_to_hub(private=...) needs transformers>=5.23 (installed: {_version('transformers')}), whose "
+                "Trainer.init_hf_repo takes it: set hub_private_repo in the training arguments instead, or upgrade "
+                "transformers. Nothing was pushed.")
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         model_name = kwargs.pop("model_name", None)
         self._remember_card_kwargs(kwargs)
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
+            self.init_hf_repo(token=token, **({"private": private} if accepts_private else {}))
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None

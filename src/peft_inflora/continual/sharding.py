@@ -53,8 +53,8 @@ from torch import nn
 from ..distributed import adapter_parameters
 
 
-__all__ = ["FSDPPluginMixin", "check_fsdp_plugin", "check_sharding", "fsdp_plugin_from", "is_fsdp2_sharded",
-           "replicated_parameters", "shard_with_plugin"]
+__all__ = ["FSDPPluginMixin", "check_fsdp_plugin", "check_sharding", "check_transformers_for_fsdp2",
+           "fsdp_plugin_from", "is_fsdp2_sharded", "replicated_parameters", "shard_with_plugin"]
 
 
 def is_fsdp2_sharded(model: nn.Module) -> bool:
@@ -85,6 +85,24 @@ def _sharded_names(model: nn.Module, params: set[nn.Parameter]) -> list[str]:
     return [name for name, p in model.named_parameters() if p in params and isinstance(p, DTensor)]
 
 
+# The Trainer leaves a model that owns its sharding without a DDP wrap (``is_distributed_loading_by_transformers``)
+# from transformers 5.19 on; before, DDP's broadcast of the module's state fails on the DTensor parameters.
+FSDP2_TRANSFORMERS = "5.19"
+
+
+def check_transformers_for_fsdp2() -> None:
+    """Refuse FSDP2 with a transformers whose Trainer would wrap the sharded model in DDP (before 5.19)."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(FSDP2_TRANSFORMERS):
+        raise ValueError(
+            f"FSDP with the continual trainers needs transformers>={FSDP2_TRANSFORMERS} (installed: "
+            f"{transformers.__version__}): its Trainer wraps an FSDP2-sharded model in DDP, which fails on the "
+            f"sharded parameters. Upgrade transformers (pip install -U 'transformers>={FSDP2_TRANSFORMERS}') or "
+            "train without FSDP (DDP or DeepSpeed). Nothing was changed.")
+
+
 def check_sharding(trainer: Any, model: PeftModel) -> None:
     """Refuse, before anything changes, the sharding set-ups the continual loop cannot follow (see the module
     docstring); ``trainer`` is the continual trainer, ``model`` its unwrapped PeftModel. A baseline (another PEFT
@@ -100,6 +118,7 @@ def check_sharding(trainer: Any, model: PeftModel) -> None:
             "fsdp_config=...) (or accelerate launch's FSDP config): the trainer then shards the model itself, leaving "
             "out what the loop replaces (docs/distributed.md). Nothing was trained.")
     if is_fsdp2_sharded(model):
+        check_transformers_for_fsdp2()
         args = trainer.args
         if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no" and not args.save_only_model:
             raise ValueError(
@@ -222,6 +241,7 @@ class FSDPPluginMixin:
         if plugin is None:
             return super().create_accelerator_and_postprocess()
         check_fsdp_plugin(plugin)
+        check_transformers_for_fsdp2()
         self._fsdp_plugin = plugin
         with _without_fsdp_request(self.args):
             super().create_accelerator_and_postprocess()
