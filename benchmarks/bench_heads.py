@@ -171,9 +171,9 @@ class HeadStudyTrainer(ContinualTrainer):
         loss = F.cross_entropy(all_logits, torch.cat([labels, py.to(labels.device)]))
         return (loss, outputs) if return_outputs else loss
 
-    def _learn(self, task, train_dataset, eval_dataset, classes):
-        self._task_train = train_dataset  # with global labels: the "full" pass of _record_task reads it
-        return super()._learn(task, train_dataset, eval_dataset, classes)
+    def prepare_train_dataset(self, dataset, task):
+        self._task_train = dataset  # with global labels: the "full" pass of _record_task reads it
+        return super().prepare_train_dataset(dataset, task)
 
     def _predict(self, j, references):
         """The trainer's prediction of task ``j`` in the row after the latest task, with its test features."""
