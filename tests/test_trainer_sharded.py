@@ -137,7 +137,8 @@ def test_accelerate_fsdp_settings_are_applied_by_the_trainer_and_train_like_one_
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_accelerate_fsdp_with_one_process_per_device_trains_like_the_same_device_without_fsdp(tmp_path, device):
     """``TrainingArguments(fsdp=True)`` launched by ``torchrun``, one process per device: on a GPU machine (NCCL) this
-    is Accelerate's FSDP set-up for real, which on CPUs it never makes. It trains like one process on the same device
+    is the set-up in which Accelerate would itself switch to FSDP (on CPUs it never does) unless the trainer keeps the
+    plugin from it, and the mesh and collectives run on CUDA. It trains like one process on the same device
     without FSDP. On CPU: one process over gloo. On the GPU machine: every GPU (the one lent here has one), run by
     ``benchmarks/gpu_session.sh``; the differences it prints are the figures in docs/gpu.md."""
     processes = torch.cuda.device_count() if device == "cuda" else 1

@@ -20,7 +20,8 @@ present, so it would count one process: the worker makes the state itself (``dee
 config holds the optimizer, so the Trainer's optimizer is Accelerate's ``DummyOptim``.
 
 ``DEVICE=cuda`` (modes ``single`` and ``accelerate_fsdp``): the run on GPUs, NCCL, one process per GPU, where
-Accelerate itself sets ``DistributedType.FSDP`` (the GPU check, ``tests/test_trainer_sharded.py``).
+Accelerate would itself switch to ``DistributedType.FSDP`` if the trainer left the plugin to it (the GPU check,
+``tests/test_trainer_sharded.py``).
 
 Per process ``r``, written to OUT: ``result-rank{r}.json`` (accuracy matrix, or the error), ``final-rank{r}``
 (every InfLoRA and head tensor), ``saves-rank{r}.json`` (the safetensors files the process wrote), and the run's
